@@ -1,0 +1,336 @@
+//! Reads and subscriptions.
+//!
+//! Readers see only events below the published head, i.e. events whose group has been
+//! written and synced. Runs of consecutive positions in one segment are fetched with one
+//! read, then decoded record by record, and every decoded record is checked against the
+//! index (position, kind) before it is returned.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use herald_core::store::{Error, Subscription};
+use herald_core::{Direction, Event, Position, RecordedEvent, StreamName, Version};
+
+use crate::Shared;
+use crate::index::Index;
+use crate::io::read_exact_at;
+use crate::record::{self, Kind};
+
+/// Events a subscription reads per step.
+const SUBSCRIPTION_PAGE_LEN: usize = 512;
+
+pub(crate) fn read_all(
+    shared: &Shared,
+    from: Position,
+    direction: Direction,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let head = *shared.head.borrow();
+    let positions: Vec<u64> = match direction {
+        Direction::Forward => (from.0..head).take(limit).collect(),
+        Direction::Backward => {
+            if head == 0 {
+                return Ok(Vec::new());
+            }
+            let start = from.0.min(head - 1);
+            (0..=start).rev().take(limit).collect()
+        }
+    };
+    read_positions(shared, &positions)
+}
+
+/// Reads a stream; `for_subscription` reads a deleted or unknown stream as empty instead
+/// of failing.
+pub(crate) fn read_stream(
+    shared: &Shared,
+    stream: &StreamName,
+    from: Version,
+    direction: Direction,
+    limit: usize,
+    for_subscription: bool,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let head = *shared.head.borrow();
+    let positions: Vec<u64> = {
+        let index = shared.index.read();
+        let state = match index.streams.get(stream) {
+            Some(state) => state,
+            None if for_subscription => return Ok(Vec::new()),
+            None => {
+                return Err(Error::StreamNotFound {
+                    stream: stream.clone(),
+                });
+            }
+        };
+        let visible = state.positions.partition_point(|&position| position < head) as u64;
+        if !for_subscription {
+            if state.deleted {
+                return Err(Error::StreamDeleted {
+                    stream: stream.clone(),
+                });
+            }
+            if visible == 0 {
+                return Err(Error::StreamNotFound {
+                    stream: stream.clone(),
+                });
+            }
+        }
+        let first = state.visible_from;
+        let versions: Box<dyn Iterator<Item = u64>> = match direction {
+            Direction::Forward => Box::new(from.0.max(first)..visible),
+            Direction::Backward if visible == 0 || from.0 < first => Box::new(std::iter::empty()),
+            Direction::Backward => Box::new((first..=from.0.min(visible - 1)).rev()),
+        };
+        versions
+            .take(limit)
+            .map(|version| state.positions[version as usize])
+            .collect()
+    };
+    read_positions(shared, &positions)
+}
+
+/// Reads the events at `positions` (all below the head), in the order given.
+fn read_positions(shared: &Shared, positions: &[u64]) -> Result<Vec<RecordedEvent>, Error> {
+    // Plan the reads under the lock, perform them without it.
+    let mut spans = Vec::new();
+    {
+        let index = shared.index.read();
+        let mut i = 0;
+        while i < positions.len() {
+            let (segment, at) = index.locate(positions[i]).ok_or_else(|| Error::Corrupt {
+                detail: format!("position {} is not in the index", positions[i]),
+            })?;
+            // Extend the run while positions stay consecutive (either way) in this segment.
+            let step: i64 = match positions.get(i + 1) {
+                Some(&next) if next == positions[i] + 1 => 1,
+                Some(&next) if next + 1 == positions[i] => -1,
+                _ => 0,
+            };
+            let mut j = i + 1;
+            while step != 0
+                && j < positions.len()
+                && positions[j] as i64 == positions[j - 1] as i64 + step
+                && index
+                    .locate(positions[j])
+                    .is_some_and(|(other, _)| other.base == segment.base)
+            {
+                j += 1;
+            }
+            let run = j - i;
+            let (low, high) = if step >= 0 {
+                (at, at + run - 1)
+            } else {
+                (at + 1 - run, at)
+            };
+            let start = segment.locs[low].offset;
+            let end = segment.locs[high].offset + segment.locs[high].len;
+            spans.push(Span {
+                file: segment.file.clone(),
+                path: segment.path.clone(),
+                offset: u64::from(start),
+                len: (end - start) as usize,
+                first_position: segment.base + low as u64,
+                count: run,
+                reverse: step < 0,
+            });
+            i = j;
+        }
+    }
+    let mut events = Vec::with_capacity(positions.len());
+    for span in spans {
+        span.read_into(&mut events)?;
+    }
+    Ok(events)
+}
+
+struct Span {
+    file: Arc<dyn crate::io::IoFile>,
+    path: std::path::PathBuf,
+    offset: u64,
+    len: usize,
+    first_position: u64,
+    count: usize,
+    reverse: bool,
+}
+
+impl Span {
+    fn read_into(self, events: &mut Vec<RecordedEvent>) -> Result<(), Error> {
+        let mut buf = vec![0; self.len];
+        read_exact_at(self.file.as_ref(), &mut buf, self.offset)?;
+        let start = events.len();
+        let mut at = 0;
+        let mut expected = self.first_position;
+        while events.len() - start < self.count {
+            let (record, len) =
+                record::decode(&buf[at..]).map_err(|error| self.corrupt(at, &error.to_string()))?;
+            at += len;
+            // Deletion records may sit between events; they have no position.
+            if record.kind != Kind::Event {
+                continue;
+            }
+            if record.position != expected {
+                return Err(self.corrupt(at - len, "record position does not match the index"));
+            }
+            expected += 1;
+            events.push(recorded(&record).map_err(|reason| self.corrupt(at - len, &reason))?);
+        }
+        if self.reverse {
+            events[start..].reverse();
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, at: usize, reason: &str) -> Error {
+        Error::Corrupt {
+            detail: format!(
+                "{} at offset {}: {reason}",
+                self.path.display(),
+                self.offset + at as u64
+            ),
+        }
+    }
+}
+
+fn recorded(record: &record::Record<'_>) -> Result<RecordedEvent, String> {
+    Ok(RecordedEvent {
+        stream: StreamName::new(record.stream).map_err(|error| error.to_string())?,
+        version: Version(record.version),
+        position: Position(record.position),
+        recorded_at: DateTime::<Utc>::from_timestamp_micros(record.recorded_at_us)
+            .unwrap_or_default(),
+        event: Event::from_json(record.payload).map_err(|error| error.to_string())?,
+    })
+}
+
+/// Reads the single record of the event at `position`, which may not be synced yet (the
+/// writer checks its own pending events); `None` if it cannot be read.
+fn raw_record_at(shared: &Shared, index: &Index, position: u64) -> Option<Vec<u8>> {
+    let (segment, at) = index.locate(position)?;
+    let loc = segment.locs[at];
+    let mut buf = vec![0; loc.len as usize];
+    read_exact_at(segment.file.as_ref(), &mut buf, u64::from(loc.offset)).ok()?;
+    let _ = shared;
+    Some(buf)
+}
+
+/// The id of the event stored at `position`.
+pub(crate) fn event_id_at(shared: &Shared, index: &Index, position: u64) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    let buf = raw_record_at(shared, index, position)?;
+    let (record, _) = record::decode(&buf).ok()?;
+    serde_json::from_slice::<IdOnly>(record.payload)
+        .ok()
+        .map(|doc| doc.id)
+}
+
+/// The stream and version of the event stored at `position`.
+pub(crate) fn stream_and_version_at(
+    shared: &Shared,
+    index: &Index,
+    position: u64,
+) -> Option<(StreamName, Version)> {
+    let buf = raw_record_at(shared, index, position)?;
+    let (record, _) = record::decode(&buf).ok()?;
+    Some((
+        StreamName::new(record.stream).ok()?,
+        Version(record.version),
+    ))
+}
+
+/// `batch_left` of the event stored at `position`.
+pub(crate) fn batch_left_at(shared: &Shared, index: &Index, position: u64) -> Option<u32> {
+    let buf = raw_record_at(shared, index, position)?;
+    record::decode(&buf)
+        .ok()
+        .map(|(record, _)| record.batch_left)
+}
+
+/// Whether the event at `position` is the first of its append.
+pub(crate) fn starts_batch(shared: &Shared, index: &Index, position: u64) -> bool {
+    position == 0 || batch_left_at(shared, index, position - 1) == Some(0)
+}
+
+/// Catch-up, then live: reads pages from `from` up to the published head; when caught up,
+/// waits for the head to move. Reading by position from the index (rather than receiving
+/// events from the writer) is what makes the switch from catch-up to live free of gaps and
+/// duplicates, and lets a slow subscriber fall behind without bounding anything.
+pub(crate) fn subscribe(
+    shared: Arc<Shared>,
+    stream: Option<StreamName>,
+    from: u64,
+) -> Subscription {
+    struct State {
+        shared: Arc<Shared>,
+        stream: Option<StreamName>,
+        next: u64,
+        buffer: VecDeque<RecordedEvent>,
+        head: tokio::sync::watch::Receiver<u64>,
+        done: bool,
+    }
+    let head = shared.head.subscribe();
+    let state = State {
+        shared,
+        stream,
+        next: from,
+        buffer: VecDeque::new(),
+        head,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if state.done {
+                return None;
+            }
+            if let Some(event) = state.buffer.pop_front() {
+                return Some((Ok(event), state));
+            }
+            let seen_head = *state.head.borrow_and_update();
+            let shared = state.shared.clone();
+            let stream = state.stream.clone();
+            let next = state.next;
+            let page = tokio::task::spawn_blocking(move || match &stream {
+                None if next >= seen_head => Ok(Vec::new()),
+                None => read_all(
+                    &shared,
+                    Position(next),
+                    Direction::Forward,
+                    SUBSCRIPTION_PAGE_LEN,
+                ),
+                Some(stream) => read_stream(
+                    &shared,
+                    stream,
+                    Version(next),
+                    Direction::Forward,
+                    SUBSCRIPTION_PAGE_LEN,
+                    true,
+                ),
+            })
+            .await
+            .map_err(|error| Error::Backend(Box::new(error)))
+            .and_then(|result| result);
+            match page {
+                Err(error) => {
+                    state.done = true;
+                    return Some((Err(error), state));
+                }
+                Ok(page) if page.is_empty() => {
+                    // Caught up: wait until the writer publishes more. The head was read
+                    // before the page, so an append published since wakes us at once.
+                    if state.head.changed().await.is_err() {
+                        return None;
+                    }
+                }
+                Ok(page) => {
+                    state.next = match &state.stream {
+                        None => page.last().map_or(next, |event| event.position.0 + 1),
+                        Some(_) => page.last().map_or(next, |event| event.version.0 + 1),
+                    };
+                    state.buffer.extend(page);
+                }
+            }
+        }
+    }))
+}
