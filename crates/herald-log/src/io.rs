@@ -154,6 +154,29 @@ pub mod sim {
     #[derive(Clone, Default)]
     pub struct SimIo {
         state: Arc<Mutex<State>>,
+        /// Cleared by a crash: the "process" that used this handle is gone, and everything
+        /// it still tries to do fails.
+        alive: Arc<Alive>,
+    }
+
+    struct Alive(std::sync::atomic::AtomicBool);
+
+    impl Default for Alive {
+        fn default() -> Self {
+            Alive(std::sync::atomic::AtomicBool::new(true))
+        }
+    }
+
+    impl Alive {
+        fn check(&self) -> io::Result<()> {
+            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(io::Error::other(
+                    "simulated power loss: this process is gone",
+                ))
+            }
+        }
     }
 
     #[derive(Default)]
@@ -179,6 +202,7 @@ pub mod sim {
     struct SimFile {
         content: Mutex<FileState>,
         faults: Arc<Mutex<State>>,
+        alive: Arc<Alive>,
     }
 
     #[derive(Default, Clone)]
@@ -222,13 +246,18 @@ pub mod sim {
             self.state.lock().faults.fail_write_in = Some(n);
         }
 
-        /// Simulates a power loss, choosing what survives of unsynced data from `seed`.
+        /// Simulates a power loss, choosing what survives of unsynced data from `seed`, and
+        /// returns the file system as the machine finds it on reboot.
         ///
-        /// Handles to files opened before the crash keep working on the pre-crash state;
-        /// reopen everything afterwards, as a restarted process would.
-        pub fn crash(&self, seed: u64) {
+        /// This handle and every file opened through it stop working (their operations fail),
+        /// as if the process using them died with the machine; open the log again through
+        /// the returned handle.
+        pub fn crash(&self, seed: u64) -> SimIo {
             let mut rng = SplitMix(seed);
-            let mut state = self.state.lock();
+            let state = self.state.lock();
+            self.alive
+                .0
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             // Undo directory changes that were not synced, or keep them, at random.
             let same = |a: &BTreeMap<PathBuf, Arc<SimFile>>,
                         b: &BTreeMap<PathBuf, Arc<SimFile>>| {
@@ -238,10 +267,11 @@ pub mod sim {
                         .all(|((pa, fa), (pb, fb))| pa == pb && Arc::ptr_eq(fa, fb))
             };
             let names = if !same(&state.names, &state.durable_names) && rng.next() % 2 == 0 {
-                state.durable_names.clone()
+                &state.durable_names
             } else {
-                state.names.clone()
+                &state.names
             };
+            let rebooted = SimIo::default();
             let mut survived = BTreeMap::new();
             for (path, file) in names {
                 let content = file.content.lock().clone();
@@ -265,20 +295,27 @@ pub mod sim {
                         Op::SetLen(_) => {}
                     }
                 }
-                let fresh = Arc::new(SimFile {
-                    content: Mutex::new(FileState {
-                        current: bytes.clone(),
-                        durable: bytes,
-                        pending: Vec::new(),
-                    }),
-                    faults: self.state.clone(),
-                });
-                survived.insert(path, fresh);
+                survived.insert(path.clone(), rebooted.file(bytes));
             }
-            state.names = survived.clone();
-            state.durable_names = survived;
-            state.locked.clear();
-            state.faults = Faults::default();
+            {
+                let mut new_state = rebooted.state.lock();
+                new_state.names = survived.clone();
+                new_state.durable_names = survived;
+                new_state.dirs = state.dirs.clone();
+            }
+            rebooted
+        }
+
+        fn file(&self, bytes: Vec<u8>) -> Arc<SimFile> {
+            Arc::new(SimFile {
+                content: Mutex::new(FileState {
+                    current: bytes.clone(),
+                    durable: bytes,
+                    pending: Vec::new(),
+                }),
+                faults: self.state.clone(),
+                alive: self.alive.clone(),
+            })
         }
 
         /// The current content of a file, for tests that damage it.
@@ -292,15 +329,8 @@ pub mod sim {
 
         /// Replaces a file's content, durably, for tests that damage it.
         pub fn write_file(&self, path: &Path, bytes: Vec<u8>) {
+            let file = self.file(bytes);
             let mut state = self.state.lock();
-            let file = Arc::new(SimFile {
-                content: Mutex::new(FileState {
-                    current: bytes.clone(),
-                    durable: bytes,
-                    pending: Vec::new(),
-                }),
-                faults: self.state.clone(),
-            });
             state.names.insert(path.to_owned(), file.clone());
             state.durable_names.insert(path.to_owned(), file);
         }
@@ -327,11 +357,13 @@ pub mod sim {
 
     impl Io for SimIo {
         fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+            self.alive.check()?;
             self.state.lock().dirs.insert(dir.to_owned());
             Ok(())
         }
 
         fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+            self.alive.check()?;
             let state = self.state.lock();
             Ok(state
                 .names
@@ -345,6 +377,7 @@ pub mod sim {
         }
 
         fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>> {
+            self.alive.check()?;
             let mut state = self.state.lock();
             if let Some(file) = state.names.get(path) {
                 return Ok(file.clone());
@@ -355,12 +388,14 @@ pub mod sim {
             let file = Arc::new(SimFile {
                 content: Mutex::default(),
                 faults: self.state.clone(),
+                alive: self.alive.clone(),
             });
             state.names.insert(path.to_owned(), file.clone());
             Ok(file)
         }
 
         fn remove(&self, path: &Path) -> io::Result<()> {
+            self.alive.check()?;
             match self.state.lock().names.remove(path) {
                 Some(_) => Ok(()),
                 None => Err(io::ErrorKind::NotFound.into()),
@@ -368,6 +403,7 @@ pub mod sim {
         }
 
         fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.alive.check()?;
             let mut state = self.state.lock();
             let file = state.names.remove(from).ok_or(io::ErrorKind::NotFound)?;
             state.names.insert(to.to_owned(), file);
@@ -375,6 +411,7 @@ pub mod sim {
         }
 
         fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.alive.check()?;
             let mut state = self.state.lock();
             injected(&mut state.faults.fail_sync_in, "directory sync")?;
             let in_dir = |path: &PathBuf| path.parent() == Some(dir);
@@ -390,6 +427,7 @@ pub mod sim {
         }
 
         fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn Any + Send + Sync>> {
+            self.alive.check()?;
             let mut state = self.state.lock();
             if !state.locked.insert(dir.to_owned()) {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -403,6 +441,7 @@ pub mod sim {
 
     impl IoFile for SimFile {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.alive.check()?;
             let content = self.content.lock();
             let start = (offset as usize).min(content.current.len());
             let n = buf.len().min(content.current.len() - start);
@@ -411,6 +450,7 @@ pub mod sim {
         }
 
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.alive.check()?;
             injected(&mut self.faults.lock().faults.fail_write_in, "write")?;
             let mut content = self.content.lock();
             apply_write(&mut content.current, offset, buf);
@@ -422,6 +462,7 @@ pub mod sim {
         }
 
         fn sync_data(&self) -> io::Result<()> {
+            self.alive.check()?;
             let failed = injected(&mut self.faults.lock().faults.fail_sync_in, "sync");
             let mut content = self.content.lock();
             if failed.is_err() {
@@ -437,10 +478,12 @@ pub mod sim {
         }
 
         fn len(&self) -> io::Result<u64> {
+            self.alive.check()?;
             Ok(self.content.lock().current.len() as u64)
         }
 
         fn set_len(&self, len: u64) -> io::Result<()> {
+            self.alive.check()?;
             let mut content = self.content.lock();
             content.current.resize(len as usize, 0);
             content.pending.push(Op::SetLen(len));

@@ -305,11 +305,11 @@ fn replay_segment(
             return Err(corrupt(offset, damage));
         }
         if let Some(valid) =
-            valid_record_after(file.as_ref(), offset + 1, file_len).map_err(io_error)?
+            append_after_damage(file.as_ref(), offset + 1, file_len).map_err(io_error)?
         {
             return Err(corrupt(
                 offset,
-                format!("{damage}; a valid record follows at offset {valid}"),
+                format!("{damage}; a valid append follows at offset {valid}"),
             ));
         }
         // Cut at the start of the append the damage belongs to.
@@ -336,14 +336,34 @@ fn replay_segment(
     Ok(())
 }
 
-/// The offset of the first record at or after `from` that decodes with a valid checksum.
-fn valid_record_after(file: &dyn IoFile, from: u64, file_len: u64) -> std::io::Result<Option<u64>> {
+/// Whether a complete, valid append follows damage found before `from`: returns the
+/// offset of the first valid record after the damage if so.
+///
+/// Damage is a torn tail when everything after it is either undecodable or the rest of the
+/// same append: a run of valid records to the end of the file in which only the last one
+/// closes an append. Damage followed by an append boundary and more records is damage in the
+/// middle of the log.
+fn append_after_damage(
+    file: &dyn IoFile,
+    from: u64,
+    file_len: u64,
+) -> std::io::Result<Option<u64>> {
     if from >= file_len {
         return Ok(None);
     }
     let mut rest = vec![0; (file_len - from) as usize];
     crate::io::read_exact_at(file, &mut rest, from)?;
-    Ok((0..rest.len())
-        .find(|&at| record::decode(&rest[at..]).is_ok())
-        .map(|at| from + at as u64))
+    let Some(first_valid) = (0..rest.len()).find(|&at| record::decode(&rest[at..]).is_ok()) else {
+        return Ok(None);
+    };
+    let mut at = first_valid;
+    while let Ok((record, len)) = record::decode(&rest[at..]) {
+        at += len;
+        if record.batch_left == 0 {
+            // An append ends here: the damage is in the tail only if nothing follows.
+            return Ok((at < rest.len()).then_some(from + first_valid as u64));
+        }
+    }
+    // The run stops inside the append the damage belongs to, which is not complete.
+    Ok(None)
 }
