@@ -327,25 +327,17 @@ impl Writer {
         expected: ExpectedVersion,
         group: &mut Group,
     ) -> Result<(), Error> {
+        // The expectation is checked first, as for an append; then the stream must exist.
         let (current, last) = {
             let index = self.shared.index.read();
-            match index.streams.get(stream) {
-                Some(state) if !state.positions.is_empty() => (
-                    state.last_version(u64::MAX).map(Version),
-                    state.positions.len() as u64 - 1,
-                ),
-                _ => {
-                    return Err(Error::StreamNotFound {
-                        stream: stream.clone(),
-                    });
-                }
-            }
+            let state = index.streams.get(stream);
+            (
+                state
+                    .and_then(|state| state.last_version(u64::MAX))
+                    .map(Version),
+                state.and_then(|state| state.positions.len().checked_sub(1)),
+            )
         };
-        if current.is_none() {
-            return Err(Error::StreamDeleted {
-                stream: stream.clone(),
-            });
-        }
         if !expected.admits(current) {
             return Err(Error::WrongExpectedVersion {
                 stream: stream.clone(),
@@ -353,6 +345,19 @@ impl Writer {
                 actual: current,
             });
         }
+        let last = match (current, last) {
+            (Some(_), Some(last)) => last as u64,
+            (None, Some(_)) => {
+                return Err(Error::StreamDeleted {
+                    stream: stream.clone(),
+                });
+            }
+            (_, None) => {
+                return Err(Error::StreamNotFound {
+                    stream: stream.clone(),
+                });
+            }
+        };
         let size = (crate::record::HEADER_LEN + stream.as_str().len()) as u64;
         let (segment, offset) = self.room_for(size, group)?;
         let mut bytes = Vec::with_capacity(size as usize);
