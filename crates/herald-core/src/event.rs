@@ -23,7 +23,10 @@ use serde_json::value::RawValue;
 /// The only CloudEvents specification version Herald speaks.
 pub const SPEC_VERSION: &str = "1.0";
 
-/// The longest extension attribute name the specification allows.
+/// The length the specification recommends extension attribute names not to exceed.
+///
+/// It is a recommendation (SHOULD NOT), not a rule: longer names are accepted, because other
+/// SDKs (e.g. the Python one) write them, and a document they write must parse here.
 pub const EXTENSION_NAME_LEN_MAX: usize = 20;
 
 /// Extension carrying the id shared by every event of one business flow (e.g. one order).
@@ -205,7 +208,14 @@ impl Event {
     }
 
     /// Sets a JSON payload and `datacontenttype: application/json`.
+    ///
+    /// JSON `null` means no payload: the JSON format treats a null member as absent, so it
+    /// could not round-trip as a payload.
     pub fn with_data(mut self, data: serde_json::Value) -> Self {
+        if data.is_null() {
+            self.data = None;
+            return self;
+        }
         let raw =
             serde_json::value::to_raw_value(&data).expect("a serde_json::Value always serialises");
         self.data = Some(Data::Json(raw));
@@ -304,6 +314,9 @@ impl Event {
         check_non_empty("id", &self.id)?;
         check_uri_reference("source", &self.source)?;
         check_non_empty("type", &self.ty)?;
+        if let Some(time) = &self.time {
+            check_time(time)?;
+        }
         if let Some(subject) = &self.subject {
             check_non_empty("subject", subject)?;
         }
@@ -353,10 +366,13 @@ impl Event {
 
 impl Data {
     /// The payload as a JSON value: JSON as it is, binary as a base64 string.
-    pub fn to_value(&self) -> serde_json::Value {
+    ///
+    /// Fails only for valid JSON that [`serde_json::Value`] cannot hold: a number beyond the
+    /// range of `f64`, such as `1e400`, which other producers may legitimately write.
+    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
         match self {
-            Data::Json(raw) => serde_json::from_str(raw.get()).expect("raw JSON was validated"),
-            Data::Binary(bytes) => serde_json::Value::String(BASE64.encode(bytes)),
+            Data::Json(raw) => serde_json::from_str(raw.get()),
+            Data::Binary(bytes) => Ok(serde_json::Value::String(BASE64.encode(bytes))),
         }
     }
 }
@@ -660,6 +676,31 @@ fn check_absolute_uri(attribute: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// RFC 3339 writes a four-digit year and an offset in whole minutes; a time outside that
+/// would be written as something that does not parse back, or as another instant.
+fn check_time(time: &DateTime<FixedOffset>) -> Result<(), Error> {
+    use chrono::Datelike as _;
+    if !(0..=9999).contains(&time.year()) {
+        return Err(Error::invalid(
+            "time",
+            format!(
+                "year {} cannot be written in RFC 3339, which allows 0000 to 9999",
+                time.year()
+            ),
+        ));
+    }
+    if time.offset().local_minus_utc() % 60 != 0 {
+        return Err(Error::invalid(
+            "time",
+            format!(
+                "offset {} has seconds, but RFC 3339 offsets are whole minutes",
+                time.offset()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_media_type(value: &str) -> Result<(), Error> {
     let essence = value.split(';').next().unwrap_or("").trim();
     let well_formed = essence
@@ -688,10 +729,11 @@ fn check_extension_name(name: &str) -> Result<(), Error> {
             "is a context attribute and cannot be an extension",
         ));
     }
-    if name.is_empty() || name.len() > EXTENSION_NAME_LEN_MAX {
+    // Names longer than EXTENSION_NAME_LEN_MAX are only discouraged by the specification.
+    if name.is_empty() {
         return Err(Error::invalid(
             name,
-            format!("extension names are 1 to {EXTENSION_NAME_LEN_MAX} characters long"),
+            "extension names are at least 1 character long",
         ));
     }
     if !name

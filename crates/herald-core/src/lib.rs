@@ -12,6 +12,8 @@ pub mod stream;
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod memory;
 
 pub use event::{Data, Event, ExtensionValue};
 pub use store::{Appended, EventStore, RecordedEvent};

@@ -12,10 +12,12 @@
 //!   a batch.
 //! - **Optimistic concurrency.** An append whose [`ExpectedVersion`] does not hold fails with
 //!   [`Error::WrongExpectedVersion`], which carries the stream's actual version.
-//! - **Idempotency.** Re-appending a batch whose event ids were all stored by one earlier
-//!   append, to the same stream with an expected version that held for that append, succeeds
-//!   and returns the original versions and positions without storing anything. Any other
-//!   append containing an already stored event id fails with [`Error::DuplicateEventId`].
+//! - **Idempotency.** Re-appending a batch whose event ids are exactly those of one earlier
+//!   append, in the same order, to the same stream with an expected version that held for
+//!   that append, succeeds and returns the original versions and positions without storing
+//!   anything. Any other append containing an already stored event id (a subset, a superset,
+//!   another order, another stream, an expectation that did not hold then) fails with
+//!   [`Error::DuplicateEventId`].
 //! - **Order.** Versions within a stream start at 0 and are contiguous. Positions are
 //!   contiguous and give one total order: an event appended after another one was
 //!   acknowledged has a greater position.
@@ -225,6 +227,12 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Subscription, Error>;
 
     /// Soft-deletes `stream` if `expected` holds.
+    ///
+    /// `expected` is checked first, as for [`append`](Self::append): a deleted or unknown
+    /// stream has no version, so `StreamExists` and `Exact` fail with
+    /// [`Error::WrongExpectedVersion`]. When it holds but there is nothing to delete, the
+    /// call fails with [`Error::StreamNotFound`] (never existed) or [`Error::StreamDeleted`]
+    /// (already deleted).
     async fn delete_stream(
         &self,
         stream: &StreamName,
