@@ -462,40 +462,65 @@ impl Serialize for Event {
 /// Deserialising an event requires `serde_json`'s deserializer (the payload is kept raw).
 impl<'de> Deserialize<'de> for Event {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        RawDoc::deserialize(deserializer)?
-            .into_event()
-            .map_err(de::Error::custom)
+        // Parsed from the raw text so that the fast, borrowing parser is the only one.
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        Event::from_json(raw.get().as_bytes()).map_err(de::Error::custom)
     }
 }
 
-/// A structured event as its members, each value still raw JSON; duplicates are kept so
-/// they can be reported.
-struct RawDoc(Vec<(String, Box<RawValue>)>);
+/// A structured event as its members, borrowed from the input, each value still raw JSON;
+/// duplicates are kept so they can be reported.
+struct RawDoc<'a>(Vec<(Key<'a>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for RawDoc {
+/// A member name: borrowed from the input unless it contains escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DocVisitor;
-        impl<'de> Visitor<'de> for DocVisitor {
-            type Value = RawDoc;
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an attribute name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, name: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(name)))
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(name.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, name: String) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(name)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawDoc<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DocVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for DocVisitor<'a> {
+            type Value = RawDoc<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a CloudEvent as a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawDoc, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawDoc<'a>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
                     members.push(entry);
                 }
                 Ok(RawDoc(members))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<RawDoc, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<RawDoc<'a>, A::Error> {
                 Err(de::Error::invalid_type(de::Unexpected::Seq, &self))
             }
         }
-        deserializer.deserialize_map(DocVisitor)
+        deserializer.deserialize_map(DocVisitor(std::marker::PhantomData))
     }
 }
 
-impl RawDoc {
+impl RawDoc<'_> {
     fn into_event(self) -> Result<Event, Error> {
         let mut specversion = None;
         let mut id = None;
@@ -508,17 +533,18 @@ impl RawDoc {
         let mut data = None;
         let mut data_base64 = None;
         let mut extensions = BTreeMap::new();
-        let mut seen = std::collections::HashSet::with_capacity(self.0.len());
 
-        for (name, raw) in self.0 {
-            if !seen.insert(name.clone()) {
-                return Err(Error::invalid(name, "appears more than once"));
+        for (at, (Key(name), raw)) in self.0.iter().enumerate() {
+            // Names are few: a linear scan beats hashing them.
+            if self.0[..at].iter().any(|(Key(earlier), _)| earlier == name) {
+                return Err(Error::invalid(name.as_ref(), "appears more than once"));
             }
+            let raw: &RawValue = raw;
             // The JSON format treats a member whose value is null as absent.
             if raw.get() == "null" {
                 continue;
             }
-            match name.as_str() {
+            match name.as_ref() {
                 "specversion" => specversion = Some(string_attr("specversion", &raw)?),
                 "id" => id = Some(string_attr("id", &raw)?),
                 "source" => source = Some(string_attr("source", &raw)?),
@@ -533,7 +559,7 @@ impl RawDoc {
                 "subject" => subject = Some(string_attr("subject", &raw)?),
                 "datacontenttype" => datacontenttype = Some(string_attr("datacontenttype", &raw)?),
                 "dataschema" => dataschema = Some(string_attr("dataschema", &raw)?),
-                "data" => data = Some(raw),
+                "data" => data = Some(raw.to_owned()),
                 "data_base64" => {
                     let text = string_attr("data_base64", &raw)?;
                     let bytes = BASE64.decode(text.as_bytes()).map_err(|error| {
@@ -542,9 +568,9 @@ impl RawDoc {
                     data_base64 = Some(bytes);
                 }
                 _ => {
-                    check_extension_name(&name)?;
-                    let value = extension_value(&name, &raw)?;
-                    extensions.insert(name, value);
+                    check_extension_name(name)?;
+                    let value = extension_value(name, raw)?;
+                    extensions.insert(name.clone().into_owned(), value);
                 }
             }
         }
@@ -593,7 +619,18 @@ impl RawDoc {
 }
 
 fn string_attr(attribute: &str, raw: &RawValue) -> Result<String, Error> {
-    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+    // Fast path: a JSON string without escapes is its own content (the parser has already
+    // checked it is well-formed, so it holds no raw control characters).
+    let text = raw.get();
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        if !inner.contains('\\') {
+            return Ok(inner.to_owned());
+        }
+    }
+    serde_json::from_str::<String>(text).map_err(|_| {
         Error::invalid(
             attribute,
             format!("must be a JSON string, found {}", kind_of(raw)),
