@@ -1,1 +1,140 @@
-fn main() {}
+//! `herald`: the command line of the Herald event platform.
+//!
+//! Every command that touches events works on the embedded log (`herald-log`) in the data
+//! directory given by `--data-dir` (or `HERALD_DATA_DIR`, default `./herald-data`). One process
+//! at a time may open a data directory; the log enforces that with a lock.
+//!
+//! Errors are printed as one line (`error: what failed: why`), followed by a `hint:` line
+//! when there is something specific the user can do about it. Diagnostics go to stderr
+//! through `tracing` (filter with `RUST_LOG`); stdout carries only results, as JSON, so it can
+//! be piped into `jq` or another program.
+
+mod bench;
+mod debug;
+mod events;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// The data directory used when neither `--data-dir` nor `HERALD_DATA_DIR` is given.
+const DATA_DIR_DEFAULT: &str = "herald-data";
+
+/// The `herald` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald, an event-driven application platform"
+)]
+struct Cli {
+    /// Directory of the embedded event log [default: ./herald-data]
+    #[arg(long, global = true, env = "HERALD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Append, read and follow events in the embedded log.
+    #[command(subcommand)]
+    Events(events::Command),
+    /// Measure the embedded log next to raw-disk baselines taken in the same run.
+    #[command(subcommand)]
+    Bench(bench::Command),
+    /// Tools that test Herald itself.
+    #[command(subcommand, hide = true)]
+    Debug(debug::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("herald-worker")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", render(&error));
+            if let Some(hint) = store::hint(&error) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command to completion.
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli.data_dir.clone();
+    let resolved = || data_dir.clone().unwrap_or_else(|| DATA_DIR_DEFAULT.into());
+    match cli.command {
+        Command::Events(command) => events::run(command, &resolved()).await,
+        // The benchmarks measure a fresh directory: inside `--data-dir` only when one is given.
+        Command::Bench(command) => bench::run(command, data_dir.as_deref()).await,
+        Command::Debug(command) => debug::run(command, &resolved()).await,
+    }
+}
+
+/// The error and its causes on one line, `what failed: why: why that`.
+///
+/// A cause whose text the message already ends with is skipped: some errors print their
+/// source in their own message.
+fn render(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.ends_with(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+/// Sends diagnostics to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn causes_repeated_by_their_error_are_shown_once() {
+        let inner = anyhow::anyhow!("missing `source`");
+        let error = inner
+            .context("event 1: missing `source`")
+            .context("cannot append");
+        assert_eq!(render(&error), "cannot append: event 1: missing `source`");
+    }
+}

@@ -545,23 +545,23 @@ impl RawDoc<'_> {
                 continue;
             }
             match name.as_ref() {
-                "specversion" => specversion = Some(string_attr("specversion", &raw)?),
-                "id" => id = Some(string_attr("id", &raw)?),
-                "source" => source = Some(string_attr("source", &raw)?),
-                "type" => ty = Some(string_attr("type", &raw)?),
+                "specversion" => specversion = Some(string_attr("specversion", raw)?),
+                "id" => id = Some(string_attr("id", raw)?),
+                "source" => source = Some(string_attr("source", raw)?),
+                "type" => ty = Some(string_attr("type", raw)?),
                 "time" => {
-                    let text = string_attr("time", &raw)?;
+                    let text = string_attr("time", raw)?;
                     let parsed = DateTime::parse_from_rfc3339(&text).map_err(|error| {
                         Error::invalid("time", format!("not an RFC 3339 timestamp ({error})"))
                     })?;
                     time = Some(parsed);
                 }
-                "subject" => subject = Some(string_attr("subject", &raw)?),
-                "datacontenttype" => datacontenttype = Some(string_attr("datacontenttype", &raw)?),
-                "dataschema" => dataschema = Some(string_attr("dataschema", &raw)?),
+                "subject" => subject = Some(string_attr("subject", raw)?),
+                "datacontenttype" => datacontenttype = Some(string_attr("datacontenttype", raw)?),
+                "dataschema" => dataschema = Some(string_attr("dataschema", raw)?),
                 "data" => data = Some(raw.to_owned()),
                 "data_base64" => {
-                    let text = string_attr("data_base64", &raw)?;
+                    let text = string_attr("data_base64", raw)?;
                     let bytes = BASE64.decode(text.as_bytes()).map_err(|error| {
                         Error::invalid("data_base64", format!("not valid base64 ({error})"))
                     })?;
@@ -625,10 +625,9 @@ fn string_attr(attribute: &str, raw: &RawValue) -> Result<String, Error> {
     if let Some(inner) = text
         .strip_prefix('"')
         .and_then(|rest| rest.strip_suffix('"'))
+        .filter(|inner| !inner.contains('\\'))
     {
-        if !inner.contains('\\') {
-            return Ok(inner.to_owned());
-        }
+        return Ok(inner.to_owned());
     }
     serde_json::from_str::<String>(text).map_err(|_| {
         Error::invalid(

@@ -39,8 +39,8 @@ pub trait IoFile: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every write so far durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
-    /// The file's length.
-    fn len(&self) -> io::Result<u64>;
+    /// The file's size in bytes.
+    fn size(&self) -> io::Result<u64>;
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
@@ -129,7 +129,7 @@ impl IoFile for StdFile {
         self.0.sync_data()
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 
@@ -266,7 +266,8 @@ pub mod sim {
                         .zip(b)
                         .all(|((pa, fa), (pb, fb))| pa == pb && Arc::ptr_eq(fa, fb))
             };
-            let names = if !same(&state.names, &state.durable_names) && rng.next() % 2 == 0 {
+            let names = if !same(&state.names, &state.durable_names) && rng.next().is_multiple_of(2)
+            {
                 &state.durable_names
             } else {
                 &state.names
@@ -477,7 +478,7 @@ pub mod sim {
             Ok(())
         }
 
-        fn len(&self) -> io::Result<u64> {
+        fn size(&self) -> io::Result<u64> {
             self.alive.check()?;
             Ok(self.content.lock().current.len() as u64)
         }

@@ -20,6 +20,12 @@ use crate::record::{self, Kind};
 /// Events a subscription reads per step.
 const SUBSCRIPTION_PAGE_LEN: usize = 512;
 
+/// Reads of at least this many events parse them on several threads.
+const PARALLEL_DECODE_LEN_MIN: usize = 256;
+
+/// Threads a single read parses events on, at most.
+const DECODE_THREADS_MAX: usize = 4;
+
 pub(crate) fn read_all(
     shared: &Shared,
     from: Position,
@@ -157,27 +163,80 @@ impl Span {
     fn read_into(self, events: &mut Vec<RecordedEvent>) -> Result<(), Error> {
         let mut buf = vec![0; self.len];
         read_exact_at(self.file.as_ref(), &mut buf, self.offset)?;
-        let start = events.len();
+        // Frame and check the records first (cheap), then parse their payloads, the costly
+        // part, on several threads when there are many.
+        let mut records = Vec::with_capacity(self.count);
         let mut at = 0;
         let mut expected = self.first_position;
-        while events.len() - start < self.count {
+        while records.len() < self.count {
             let (record, len) =
                 record::decode(&buf[at..]).map_err(|error| self.corrupt(at, &error.to_string()))?;
-            at += len;
             // Deletion records may sit between events; they have no position.
-            if record.kind != Kind::Event {
-                continue;
+            if record.kind == Kind::Event {
+                if record.position != expected {
+                    return Err(self.corrupt(at, "record position does not match the index"));
+                }
+                expected += 1;
+                records.push((at, record));
             }
-            if record.position != expected {
-                return Err(self.corrupt(at - len, "record position does not match the index"));
-            }
-            expected += 1;
-            events.push(recorded(&record).map_err(|reason| self.corrupt(at - len, &reason))?);
+            at += len;
+        }
+        let threads = if records.len() >= PARALLEL_DECODE_LEN_MIN {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(DECODE_THREADS_MAX))
+        } else {
+            1
+        };
+        let chunk_len = records.len().div_ceil(threads).max(1);
+        let decoded: Vec<Result<Vec<RecordedEvent>, Error>> = std::thread::scope(|scope| {
+            let mut chunks = records.chunks(chunk_len);
+            let first = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks
+                .map(|chunk| scope.spawn(|| self.decode_events(chunk)))
+                .collect();
+            let mut results = vec![self.decode_events(first)];
+            results.extend(others.into_iter().map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|_| panic!("a decode thread panicked"))
+            }));
+            results
+        });
+        let start = events.len();
+        for chunk in decoded {
+            events.extend(chunk?);
         }
         if self.reverse {
             events[start..].reverse();
         }
         Ok(())
+    }
+
+    fn decode_events(
+        &self,
+        records: &[(usize, record::Record<'_>)],
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        let mut events = Vec::with_capacity(records.len());
+        // Runs of events of one stream share one name allocation.
+        let mut last_stream: Option<StreamName> = None;
+        for (at, record) in records {
+            let stream = match last_stream.take() {
+                Some(name) if name.as_str() == record.stream => name,
+                _ => StreamName::new(record.stream)
+                    .map_err(|error| self.corrupt(*at, &error.to_string()))?,
+            };
+            let event = Event::from_json(record.payload)
+                .map_err(|error| self.corrupt(*at, &error.to_string()))?;
+            events.push(RecordedEvent {
+                stream: stream.clone(),
+                version: Version(record.version),
+                position: Position(record.position),
+                recorded_at: DateTime::<Utc>::from_timestamp_micros(record.recorded_at_us)
+                    .unwrap_or_default(),
+                event,
+            });
+            last_stream = Some(stream);
+        }
+        Ok(events)
     }
 
     fn corrupt(&self, at: usize, reason: &str) -> Error {
@@ -191,35 +250,23 @@ impl Span {
     }
 }
 
-fn recorded(record: &record::Record<'_>) -> Result<RecordedEvent, String> {
-    Ok(RecordedEvent {
-        stream: StreamName::new(record.stream).map_err(|error| error.to_string())?,
-        version: Version(record.version),
-        position: Position(record.position),
-        recorded_at: DateTime::<Utc>::from_timestamp_micros(record.recorded_at_us)
-            .unwrap_or_default(),
-        event: Event::from_json(record.payload).map_err(|error| error.to_string())?,
-    })
-}
-
 /// Reads the single record of the event at `position`, which may not be synced yet (the
 /// writer checks its own pending events); `None` if it cannot be read.
-fn raw_record_at(shared: &Shared, index: &Index, position: u64) -> Option<Vec<u8>> {
+fn raw_record_at(index: &Index, position: u64) -> Option<Vec<u8>> {
     let (segment, at) = index.locate(position)?;
     let loc = segment.locs[at];
     let mut buf = vec![0; loc.len as usize];
     read_exact_at(segment.file.as_ref(), &mut buf, u64::from(loc.offset)).ok()?;
-    let _ = shared;
     Some(buf)
 }
 
 /// The id of the event stored at `position`.
-pub(crate) fn event_id_at(shared: &Shared, index: &Index, position: u64) -> Option<String> {
+pub(crate) fn event_id_at(index: &Index, position: u64) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct IdOnly {
         id: String,
     }
-    let buf = raw_record_at(shared, index, position)?;
+    let buf = raw_record_at(index, position)?;
     let (record, _) = record::decode(&buf).ok()?;
     serde_json::from_slice::<IdOnly>(record.payload)
         .ok()
@@ -227,12 +274,8 @@ pub(crate) fn event_id_at(shared: &Shared, index: &Index, position: u64) -> Opti
 }
 
 /// The stream and version of the event stored at `position`.
-pub(crate) fn stream_and_version_at(
-    shared: &Shared,
-    index: &Index,
-    position: u64,
-) -> Option<(StreamName, Version)> {
-    let buf = raw_record_at(shared, index, position)?;
+pub(crate) fn stream_and_version_at(index: &Index, position: u64) -> Option<(StreamName, Version)> {
+    let buf = raw_record_at(index, position)?;
     let (record, _) = record::decode(&buf).ok()?;
     Some((
         StreamName::new(record.stream).ok()?,
@@ -241,16 +284,16 @@ pub(crate) fn stream_and_version_at(
 }
 
 /// `batch_left` of the event stored at `position`.
-pub(crate) fn batch_left_at(shared: &Shared, index: &Index, position: u64) -> Option<u32> {
-    let buf = raw_record_at(shared, index, position)?;
+pub(crate) fn batch_left_at(index: &Index, position: u64) -> Option<u32> {
+    let buf = raw_record_at(index, position)?;
     record::decode(&buf)
         .ok()
         .map(|(record, _)| record.batch_left)
 }
 
 /// Whether the event at `position` is the first of its append.
-pub(crate) fn starts_batch(shared: &Shared, index: &Index, position: u64) -> bool {
-    position == 0 || batch_left_at(shared, index, position - 1) == Some(0)
+pub(crate) fn starts_batch(index: &Index, position: u64) -> bool {
+    position == 0 || batch_left_at(index, position - 1) == Some(0)
 }
 
 /// Catch-up, then live: reads pages from `from` up to the published head; when caught up,

@@ -134,7 +134,7 @@ pub(crate) fn recover(options: &Options, io: &dyn Io) -> Result<Index, OpenError
 
 fn load_checkpoint(io: &dyn Io, dir: &Path, bases: &[u64]) -> Option<checkpoint::Snapshot> {
     let file = io.open(&dir.join(checkpoint::FILE_NAME), false).ok()?;
-    let len = file.len().ok()? as usize;
+    let len = file.size().ok()? as usize;
     let mut bytes = vec![0; len];
     crate::io::read_exact_at(file.as_ref(), &mut bytes, 0).ok()?;
     let Some(snapshot) = checkpoint::decode(&bytes) else {
@@ -152,7 +152,7 @@ fn load_checkpoint(io: &dyn Io, dir: &Path, bases: &[u64]) -> Option<checkpoint:
                 *base == file_base
                     && io
                         .open(&segment_path(dir, *base), false)
-                        .and_then(|file| file.len())
+                        .and_then(|file| file.size())
                         .is_ok_and(|file_len| file_len >= *len)
             });
     if !consistent {
@@ -184,7 +184,7 @@ fn replay_segment(
         path: path.clone(),
         source,
     };
-    let file_len = file.len().map_err(io_error)?;
+    let file_len = file.size().map_err(io_error)?;
     let corrupt = |offset: u64, reason: String| OpenError::Corrupt {
         file: path.clone(),
         offset,

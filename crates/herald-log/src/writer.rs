@@ -261,7 +261,7 @@ impl Writer {
         let mut found = Vec::with_capacity(ids.len());
         for id in ids {
             let stored = index.id_candidates(id).iter().copied().find(|&position| {
-                read::event_id_at(&self.shared, index, position).as_deref() == Some(id.as_str())
+                read::event_id_at(index, position).as_deref() == Some(id.as_str())
             });
             found.push(stored);
         }
@@ -270,7 +270,7 @@ impl Writer {
         };
         let duplicate = |at: usize| {
             let position = found[at].expect("found");
-            let (stream, version) = read::stream_and_version_at(&self.shared, index, position)
+            let (stream, version) = read::stream_and_version_at(index, position)
                 .unwrap_or_else(|| (stream.clone(), Version(0)));
             FrameError::Rejected(Error::DuplicateEventId {
                 id: ids[at].clone(),
@@ -296,8 +296,8 @@ impl Writer {
                 .positions
                 .get(first_version as usize..first_version as usize + positions.len())
                 == Some(positions.as_slice())
-            && read::starts_batch(&self.shared, index, positions[0])
-            && read::batch_left_at(&self.shared, index, positions[positions.len() - 1]) == Some(0);
+            && read::starts_batch(index, positions[0])
+            && read::batch_left_at(index, positions[positions.len() - 1]) == Some(0);
         let expectation_held = match expected {
             ExpectedVersion::Any => true,
             ExpectedVersion::NoStream => first_version == 0 || first_version == state.visible_from,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use herald_core::store::Error;
 use herald_core::{EventStore, ExpectedVersion, StreamName};
-use herald_log::Log;
 use herald_log::io::Io;
 use herald_log::io::sim::SimIo;
 
