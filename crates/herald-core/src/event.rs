@@ -130,12 +130,12 @@ pub enum Error {
         reason: String,
     },
     /// An event of a batch is invalid.
-    #[error("event {index} of the batch: {source}")]
+    #[error("event {index} of the batch: {error}")]
     InBatch {
         /// 0-based index of the event in the batch.
         index: usize,
         /// What is wrong with it.
-        source: Box<Error>,
+        error: Box<Error>,
     },
 }
 
@@ -345,9 +345,9 @@ impl Event {
         docs.into_iter()
             .enumerate()
             .map(|(index, doc)| {
-                doc.into_event().map_err(|source| Error::InBatch {
+                doc.into_event().map_err(|error| Error::InBatch {
                     index,
-                    source: Box::new(source),
+                    error: Box::new(error),
                 })
             })
             .collect()

@@ -187,7 +187,7 @@ impl EventStore for InMemoryStore {
         for (index, event) in events.iter().enumerate() {
             event
                 .validate()
-                .map_err(|source| Error::InvalidEvent { index, source })?;
+                .map_err(|error| Error::InvalidEvent { index, error })?;
         }
         let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
         let mut seen = std::collections::HashSet::with_capacity(ids.len());

@@ -124,12 +124,12 @@ pub enum Error {
         stream: StreamName,
     },
     /// An event of the append is not a valid CloudEvent.
-    #[error("event {index} of the append is invalid: {source}")]
+    #[error("event {index} of the append is invalid: {error}")]
     InvalidEvent {
         /// 0-based index of the event in the append.
         index: usize,
         /// What is wrong with it.
-        source: event::Error,
+        error: event::Error,
     },
     /// An append carried no events.
     #[error("an append needs at least one event")]

@@ -747,7 +747,10 @@ fn batch_errors_name_the_event() {
     ]
     .concat();
     match Event::batch_from_json(&batch) {
-        Err(Error::InBatch { index: 2, source }) => {
+        Err(Error::InBatch {
+            index: 2,
+            error: source,
+        }) => {
             assert!(
                 matches!(&*source, Error::Invalid { attribute, .. } if attribute == "id"),
                 "the batch error must carry the event's own error, got {source:?}"

@@ -252,7 +252,7 @@ impl EventStore for Log {
         for (index, event) in events.iter().enumerate() {
             event
                 .validate()
-                .map_err(|source| Error::InvalidEvent { index, source })?;
+                .map_err(|error| Error::InvalidEvent { index, error })?;
             if events[..index].iter().any(|earlier| earlier.id == event.id) {
                 return Err(Error::DuplicateInBatch {
                     id: event.id.clone(),

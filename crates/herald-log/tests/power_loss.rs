@@ -48,7 +48,7 @@ async fn run_seed(seed: u64) {
         let io: Arc<dyn Io> = Arc::new(sim.clone());
         let log = Log::open_with_io(common::options(dir), io)
             .unwrap_or_else(|error| panic!("seed {seed}, crash {crash}: reopen failed: {error}"));
-        verify(&log, &ledger.lock(), seed).await;
+        verify(&log, &ledger, seed).await;
 
         // Writers append until the crash; the test crashes after a random number of acks.
         let (acks, mut ack_count) = watch::channel(0usize);
@@ -107,12 +107,13 @@ async fn run_seed(seed: u64) {
     }
     let io: Arc<dyn Io> = Arc::new(sim.clone());
     let log = Log::open_with_io(common::options(dir), io).expect("final reopen");
-    verify(&log, &ledger.lock(), seed).await;
+    verify(&log, &ledger, seed).await;
 }
 
 /// Checks the log against the ledger.
-async fn verify(log: &Log, ledger: &Ledger, seed: u64) {
+async fn verify(log: &Log, ledger: &Mutex<Ledger>, seed: u64) {
     let all = common::read_everything(log).await;
+    let ledger = ledger.lock();
     let mut seen = HashSet::new();
     let mut versions: HashMap<StreamName, u64> = HashMap::new();
     for (n, recorded) in all.iter().enumerate() {
