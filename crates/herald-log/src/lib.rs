@@ -248,12 +248,13 @@ impl EventStore for Log {
         // Validation and serialisation happen here, in the caller's task, so the single
         // writer thread only frames, writes and syncs.
         let mut payloads = Vec::with_capacity(events.len());
+        let mut ids = std::collections::HashSet::with_capacity(events.len());
         let mut size = 0u64;
         for (index, event) in events.iter().enumerate() {
             event
                 .validate()
                 .map_err(|error| Error::InvalidEvent { index, error })?;
-            if events[..index].iter().any(|earlier| earlier.id == event.id) {
+            if !ids.insert(event.id.as_str()) {
                 return Err(Error::DuplicateInBatch {
                     id: event.id.clone(),
                 });
@@ -266,6 +267,7 @@ impl EventStore for Log {
         if size > limit {
             return Err(Error::AppendTooLarge { size, limit });
         }
+        drop(ids);
         let ids = events.into_iter().map(|event| event.id).collect();
         let stream = stream.clone();
         self.request(|reply| writer::Request::Append {

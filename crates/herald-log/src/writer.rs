@@ -52,6 +52,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, requests: mpsc::Receiver<Request>) -> s
 struct Writer {
     shared: Arc<Shared>,
     events_since_checkpoint: u64,
+    /// The checkpoint being written in the background, if any.
+    checkpointing: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Requests checked and framed, waiting for the group's write and sync.
@@ -73,6 +75,7 @@ impl Writer {
         Writer {
             shared,
             events_since_checkpoint: 0,
+            checkpointing: None,
         }
     }
 
@@ -93,7 +96,7 @@ impl Writer {
             self.commit(group);
             if self.events_since_checkpoint >= self.shared.options.index_checkpoint_interval_events
             {
-                self.checkpoint();
+                self.checkpoint(false);
             }
         }
         // Answer what is still queued rather than leave callers waiting.
@@ -101,8 +104,8 @@ impl Writer {
         while let Ok(request) = requests.try_recv() {
             reject(request, || Error::Closed);
         }
-        if self.events_since_checkpoint > 0 {
-            self.checkpoint();
+        if self.events_since_checkpoint > 0 || self.checkpointing.is_some() {
+            self.checkpoint(true);
         }
         if let Some(reply) = closing {
             let _ = reply.send(());
@@ -496,17 +499,42 @@ impl Writer {
     }
 
     /// Persists the index so the next open replays only what follows.
-    fn checkpoint(&mut self) {
+    fn checkpoint(&mut self, wait: bool) {
         if self.shared.failed.lock().is_some() {
             return;
         }
+        // One checkpoint at a time: while one is being written, later ones are skipped,
+        // except the last one on close, which waits for it.
+        if let Some(running) = self.checkpointing.take() {
+            if !wait && !running.is_finished() {
+                self.checkpointing = Some(running);
+                return;
+            }
+            let _ = running.join();
+        }
+        // Encoded here, between groups, so it covers exactly the synced events; written on
+        // another thread so appends do not wait for it.
         let bytes = checkpoint::encode(&self.shared.index.read());
-        let dir = &self.shared.options.data_dir;
-        let result = write_checkpoint(self.shared.io.as_ref(), dir, &bytes);
-        match result {
-            Ok(()) => self.events_since_checkpoint = 0,
-            // Not fatal: the log is intact, the next open just replays more of it.
-            Err(error) => tracing::warn!(error = %error, "writing the index checkpoint failed"),
+        self.events_since_checkpoint = 0;
+        let shared = self.shared.clone();
+        let write = move || {
+            if let Err(error) =
+                write_checkpoint(shared.io.as_ref(), &shared.options.data_dir, &bytes)
+            {
+                // Not fatal: the log is intact, the next open just replays more of it.
+                tracing::warn!(error = %error, "writing the index checkpoint failed");
+            }
+        };
+        if wait {
+            write();
+            return;
+        }
+        match std::thread::Builder::new()
+            .name("herald-log-checkpoint".to_owned())
+            .spawn(write)
+        {
+            Ok(handle) => self.checkpointing = Some(handle),
+            Err(error) => tracing::warn!(error = %error, "could not start the checkpoint thread"),
         }
     }
 }
