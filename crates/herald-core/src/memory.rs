@@ -181,21 +181,8 @@ impl EventStore for InMemoryStore {
         expected: ExpectedVersion,
         events: Vec<Event>,
     ) -> Result<Appended, Error> {
-        if events.is_empty() {
-            return Err(Error::EmptyAppend);
-        }
-        for (index, event) in events.iter().enumerate() {
-            event
-                .validate()
-                .map_err(|error| Error::InvalidEvent { index, error })?;
-        }
+        crate::store::check_append(&events)?;
         let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
-        if let Some(id) = ids.iter().find(|id| !seen.insert(**id)) {
-            return Err(Error::DuplicateInBatch {
-                id: (*id).to_owned(),
-            });
-        }
 
         let mut state = self.shared.lock();
         if let Some(original) = state.check_ids(stream, expected, &ids)? {

@@ -170,6 +170,26 @@ fn display_actual(actual: Option<Version>) -> String {
     }
 }
 
+/// The checks every store makes on an append before anything else: at least one event,
+/// every event valid, no id twice.
+pub fn check_append(events: &[Event]) -> Result<(), Error> {
+    if events.is_empty() {
+        return Err(Error::EmptyAppend);
+    }
+    let mut ids = std::collections::HashSet::with_capacity(events.len());
+    for (index, event) in events.iter().enumerate() {
+        event
+            .validate()
+            .map_err(|error| Error::InvalidEvent { index, error })?;
+        if !ids.insert(event.id.as_str()) {
+            return Err(Error::DuplicateInBatch {
+                id: event.id.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl From<std::io::Error> for Error {
     fn from(error: std::io::Error) -> Self {
         Error::Io(Arc::new(error))

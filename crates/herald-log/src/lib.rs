@@ -190,7 +190,7 @@ impl Log {
     }
 
     /// Finishes the appends already queued, checkpoints the index and releases the
-    /// directory lock. Later operations on any handle fail with [`Error::Closed`].
+    /// directory lock. Later appends and deletes on any handle fail with [`Error::Closed`].
     pub async fn close(&self) -> Result<(), Error> {
         let (reply, done) = oneshot::channel();
         if self
@@ -242,23 +242,12 @@ impl EventStore for Log {
         expected: ExpectedVersion,
         events: Vec<Event>,
     ) -> Result<Appended, Error> {
-        if events.is_empty() {
-            return Err(Error::EmptyAppend);
-        }
         // Validation and serialisation happen here, in the caller's task, so the single
         // writer thread only frames, writes and syncs.
+        herald_core::store::check_append(&events)?;
         let mut payloads = Vec::with_capacity(events.len());
-        let mut ids = std::collections::HashSet::with_capacity(events.len());
         let mut size = 0u64;
-        for (index, event) in events.iter().enumerate() {
-            event
-                .validate()
-                .map_err(|error| Error::InvalidEvent { index, error })?;
-            if !ids.insert(event.id.as_str()) {
-                return Err(Error::DuplicateInBatch {
-                    id: event.id.clone(),
-                });
-            }
+        for event in &events {
             let payload = event.to_json();
             size += (record::HEADER_LEN + stream.as_str().len() + payload.len()) as u64;
             payloads.push(payload);
@@ -267,7 +256,6 @@ impl EventStore for Log {
         if size > limit {
             return Err(Error::AppendTooLarge { size, limit });
         }
-        drop(ids);
         let ids = events.into_iter().map(|event| event.id).collect();
         let stream = stream.clone();
         self.request(|reply| writer::Request::Append {

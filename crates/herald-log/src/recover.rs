@@ -51,14 +51,10 @@ pub(crate) fn recover(options: &Options, io: &dyn Io) -> Result<Index, OpenError
     let mut replay_from = (0usize, 0u64);
     if let Some(snapshot) = load_checkpoint(io, dir, &bases) {
         for (base, len, locs) in snapshot.segments {
-            let path = segment_path(dir, base);
-            let file = io.open(&path, false).map_err(io_error(&path))?;
             index.segments.push(Segment {
-                base,
-                path,
-                file,
                 locs,
                 len,
+                ..open_segment(io, dir, base, false)?
             });
         }
         index.streams = snapshot.streams;
@@ -68,46 +64,18 @@ pub(crate) fn recover(options: &Options, io: &dyn Io) -> Result<Index, OpenError
             index.segments.len() - 1,
             index.segments.last().map_or(0, |s| s.len),
         );
-    } else {
-        for &base in &bases {
-            let path = segment_path(dir, base);
-            let file = io.open(&path, false).map_err(io_error(&path))?;
-            index.segments.push(Segment {
-                base,
-                path,
-                file,
-                locs: Vec::new(),
-                len: 0,
-            });
-        }
     }
-    // Segments newer than the checkpoint.
+    // Segments the checkpoint does not cover (all of them without a checkpoint).
     let covered = index.segments.last().map(|segment| segment.base);
     for &base in bases
         .iter()
         .filter(|&&base| covered.is_none_or(|covered| base > covered))
     {
-        let path = segment_path(dir, base);
-        let file = io.open(&path, false).map_err(io_error(&path))?;
-        index.segments.push(Segment {
-            base,
-            path,
-            file,
-            locs: Vec::new(),
-            len: 0,
-        });
+        index.segments.push(open_segment(io, dir, base, false)?);
     }
     if index.segments.is_empty() {
-        let path = segment_path(dir, 0);
-        let file = io.open(&path, true).map_err(io_error(&path))?;
+        index.segments.push(open_segment(io, dir, 0, true)?);
         io.sync_dir(dir).map_err(io_error(dir))?;
-        index.segments.push(Segment {
-            base: 0,
-            path,
-            file,
-            locs: Vec::new(),
-            len: 0,
-        });
         return Ok(index);
     }
 
@@ -130,6 +98,22 @@ pub(crate) fn recover(options: &Options, io: &dyn Io) -> Result<Index, OpenError
     // Drop a stale temporary checkpoint of an interrupted checkpoint write.
     let _ = io.remove(&dir.join(format!("{}.tmp", checkpoint::FILE_NAME)));
     Ok(index)
+}
+
+/// Opens (or creates) the segment starting at `base`, with nothing indexed yet.
+fn open_segment(io: &dyn Io, dir: &Path, base: u64, create: bool) -> Result<Segment, OpenError> {
+    let path = segment_path(dir, base);
+    let file = io.open(&path, create).map_err(|source| OpenError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Segment {
+        base,
+        path,
+        file,
+        locs: Vec::new(),
+        len: 0,
+    })
 }
 
 fn load_checkpoint(io: &dyn Io, dir: &Path, bases: &[u64]) -> Option<checkpoint::Snapshot> {
