@@ -512,6 +512,21 @@ impl Writer {
             }
             let _ = running.join();
         }
+        // A checkpoint must only cover synced records; without per-append syncs, sync the
+        // last segment first (earlier ones were synced when they were closed).
+        if self.shared.options.durability == Durability::Os {
+            let last = self
+                .shared
+                .index
+                .read()
+                .segments
+                .last()
+                .map(|segment| segment.file.clone());
+            if let Some(Err(error)) = last.map(|file| file.sync_data()) {
+                self.fail(error);
+                return;
+            }
+        }
         // Encoded here, between groups, so it covers exactly the synced events; written on
         // another thread so appends do not wait for it.
         let bytes = checkpoint::encode(&self.shared.index.read());
