@@ -334,14 +334,15 @@ impl Event {
 
     /// Parses one event in the JSON structured format and validates it.
     pub fn from_json(json: &[u8]) -> Result<Event, Error> {
-        let doc: RawDoc = serde_json::from_slice(json).map_err(|error| Error::syntax(&error))?;
+        let doc: RawDoc =
+            serde_json::from_str(utf8(json)?).map_err(|error| Error::syntax(&error))?;
         doc.into_event()
     }
 
     /// Parses a JSON batch (an array of structured events) and validates every event.
     pub fn batch_from_json(json: &[u8]) -> Result<Vec<Event>, Error> {
         let docs: Vec<RawDoc> =
-            serde_json::from_slice(json).map_err(|error| Error::syntax(&error))?;
+            serde_json::from_str(utf8(json)?).map_err(|error| Error::syntax(&error))?;
         docs.into_iter()
             .enumerate()
             .map(|(index, doc)| {
@@ -616,6 +617,26 @@ impl RawDoc<'_> {
         event.validate()?;
         Ok(event)
     }
+}
+
+/// Checks the whole document is UTF-8 at once, which is much cheaper than the parser
+/// checking string by string.
+fn utf8(json: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(json).map_err(|error| {
+        let before = &json[..error.valid_up_to()];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = before.len()
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |at| at + 1)
+            + 1;
+        Error::Syntax {
+            reason: "invalid UTF-8".to_owned(),
+            line,
+            column,
+        }
+    })
 }
 
 fn string_attr(attribute: &str, raw: &RawValue) -> Result<String, Error> {
