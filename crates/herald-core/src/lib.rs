@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod event;
 pub mod store;
 pub mod stream;
