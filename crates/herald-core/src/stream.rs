@@ -55,6 +55,35 @@ impl StreamName {
         Ok(StreamName(Arc::from(name)))
     }
 
+    /// A name reserved for Herald's own streams (e.g. a broker's partitions and
+    /// committed offsets): `$` followed by a name that [`StreamName::new`] accepts.
+    /// User input can never produce one, so system streams never collide with user streams.
+    pub fn system(name: impl AsRef<str>) -> Result<Self, InvalidStreamName> {
+        let name = name.as_ref();
+        Self::new(name)?;
+        if name.len() >= STREAM_NAME_LEN_MAX {
+            return Err(InvalidStreamName {
+                name: name.to_owned(),
+                reason: "must be at most 255 bytes long for a system stream",
+            });
+        }
+        Ok(StreamName(Arc::from(format!("${name}"))))
+    }
+
+    /// Parses a name as stored: a user stream name or a system one (`$…`). For names read
+    /// back from storage, never for user input.
+    pub fn parse_stored(name: &str) -> Result<Self, InvalidStreamName> {
+        match name.strip_prefix('$') {
+            Some(system) => Self::system(system),
+            None => Self::new(name),
+        }
+    }
+
+    /// Whether this is one of Herald's own streams (see [`StreamName::system`]).
+    pub fn is_system(&self) -> bool {
+        self.0.starts_with('$')
+    }
+
     /// The name as a string.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -204,6 +233,9 @@ mod tests {
             assert!(StreamName::new(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(StreamName::new("x".repeat(257)).is_err());
+        let system = StreamName::system("topic:orders:0").unwrap();
+        assert_eq!(system.as_str(), "$topic:orders:0");
+        assert!(system.is_system() && !StreamName::new("orders").unwrap().is_system());
     }
 
     #[test]

@@ -258,7 +258,8 @@ pub(crate) mod checkpoint {
         let mut streams = HashMap::with_capacity((stream_count as usize).min(body.len() / 16));
         for _ in 0..stream_count {
             let name_len = reader.u16()? as usize;
-            let name = StreamName::new(std::str::from_utf8(reader.take(name_len)?).ok()?).ok()?;
+            let name =
+                StreamName::parse_stored(std::str::from_utf8(reader.take(name_len)?).ok()?).ok()?;
             let visible_from = reader.u64()?;
             let deleted = reader.take(1)?[0] != 0;
             let count = reader.u64()? as usize;

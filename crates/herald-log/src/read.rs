@@ -221,7 +221,7 @@ impl Span {
         for (at, record) in records {
             let stream = match last_stream.take() {
                 Some(name) if name.as_str() == record.stream => name,
-                _ => StreamName::new(record.stream)
+                _ => StreamName::parse_stored(record.stream)
                     .map_err(|error| self.corrupt(*at, &error.to_string()))?,
             };
             let event = Event::from_json(record.payload)
@@ -278,7 +278,7 @@ pub(crate) fn stream_and_version_at(index: &Index, position: u64) -> Option<(Str
     let buf = raw_record_at(index, position)?;
     let (record, _) = record::decode(&buf).ok()?;
     Some((
-        StreamName::new(record.stream).ok()?,
+        StreamName::parse_stored(record.stream).ok()?,
         Version(record.version),
     ))
 }

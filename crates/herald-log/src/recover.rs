@@ -202,7 +202,7 @@ fn replay_segment(
                                 ),
                             ));
                         }
-                        let stream = StreamName::new(record.stream)
+                        let stream = StreamName::parse_stored(record.stream)
                             .map_err(|error| corrupt(offset, error.to_string()))?;
                         #[derive(serde::Deserialize)]
                         struct IdOnly<'a> {
@@ -252,7 +252,7 @@ fn replay_segment(
                                 "deletion record inside an append".to_owned(),
                             ));
                         }
-                        let stream = StreamName::new(record.stream)
+                        let stream = StreamName::parse_stored(record.stream)
                             .map_err(|error| corrupt(offset, error.to_string()))?;
                         index.insert_deletion(&stream, offset as u32, len as u32);
                     }
