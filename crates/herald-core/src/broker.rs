@@ -12,23 +12,34 @@
 //! - **Publish.** When [`Publisher::publish`] returns `Ok`, the events are stored per the
 //!   backend's documented durability (the embedded broker: synced to disk), in the order
 //!   given within each partition. A publish of several events is atomic per partition at
-//!   least; backends SHOULD make it atomic as a whole and document whether they do.
+//!   least; backends SHOULD make it atomic as a whole and document whether they do. A
+//!   publish that fails with [`Error::EmptyPublish`] or [`Error::InvalidEvent`] MUST store
+//!   nothing.
 //! - **Order per key.** A consumer receives the messages of a partition in offset order. Two
 //!   events with the same key are therefore received in the order they were published.
 //! - **Consumer groups.** Every group receives every message of the topic; within a group,
 //!   each partition is assigned to exactly one member at a time. When a member joins or
 //!   leaves (or its consumer is dropped), the partitions are reassigned among the members
-//!   (rebalance); a member stops receiving messages of a partition taken from it.
+//!   (rebalance); a member stops receiving messages of a partition taken from it. A member
+//!   has joined when [`Subscriber::subscribe`] returns: the rebalance is done, so every
+//!   message published afterwards goes to the members of the new assignment only. While a
+//!   group has no more members than the topic has partitions, every member MUST be assigned
+//!   at least one partition.
 //! - **Ack.** [`Consumer::ack`] records that the group is done with a message. The group's
 //!   committed offset of a partition is the offset after the longest prefix of acked
 //!   messages; it MUST be durable before the backend reports it (e.g. in lag), and a group
-//!   resumes from it after a restart or a rebalance.
+//!   resumes from it after a restart or a rebalance. Messages below the committed offset
+//!   MUST NOT be delivered to the group again; acked messages above it MAY be (delivery is
+//!   at least once).
 //! - **Redelivery.** Messages not acked when their consumer closes, is dropped, or its
 //!   process crashes MUST be delivered again (at least once). [`Consumer::nack`] rewinds the
 //!   message's partition for this member: the message and every later message of that
-//!   partition not yet acked are delivered again, in order, with `attempt` increased.
+//!   partition not yet acked are delivered again, in order, with `attempt` increased. Each
+//!   redelivery of a message to a group MUST carry a greater `attempt` than the delivery
+//!   before it (across a restart, backends SHOULD keep counting; the suite does not check).
 //! - **Close.** After [`Consumer::close`] returns, the member has left its group. After
-//!   [`Publisher::close`] returns, every publish that returned `Ok` is durable.
+//!   [`Publisher::close`] returns, every publish that returned `Ok` is durable, and later
+//!   publishes MUST fail with [`Error::Closed`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -194,7 +205,8 @@ pub trait Publisher: Send + Sync + 'static {
 #[async_trait]
 pub trait Subscriber: Send + Sync + 'static {
     /// Joins `group` on `topic` as a new member; the group starts at the beginning of the
-    /// topic the first time it is used, and at its committed offsets afterwards.
+    /// topic the first time it is used, and at its committed offsets afterwards. Returns
+    /// once the member has joined and the group's partitions have been reassigned.
     async fn subscribe(
         &self,
         topic: &TopicName,
@@ -210,7 +222,7 @@ pub trait Subscriber: Send + Sync + 'static {
 #[async_trait]
 pub trait Consumer: Send + 'static {
     /// The next message of the partitions assigned to this member; waits for one.
-    /// `None` once the consumer is closed.
+    /// `None` once the broker has shut down (or the member can receive nothing more).
     async fn recv(&mut self) -> Option<Result<Message, Error>>;
 
     /// Marks `message` processed by the group.

@@ -807,7 +807,7 @@ pub async fn events_round_trip_exactly(store: Arc<dyn EventStore>) {
 }
 
 /// Events with every attribute, extension type and payload kind the envelope allows.
-fn round_trip_events() -> Vec<Event> {
+pub(crate) fn round_trip_events() -> Vec<Event> {
     let plus_0530 = FixedOffset::east_opt(5 * 3600 + 30 * 60).expect("a valid offset");
     let minus_0300 = FixedOffset::west_opt(3 * 3600).expect("a valid offset");
     let utc = FixedOffset::east_opt(0).expect("a valid offset");
@@ -2021,7 +2021,7 @@ fn assert_same_records(what: &str, got: &[RecordedEvent], want: &[RecordedEvent]
 
 /// Equality, plus what [`Event`]'s `PartialEq` does not see: the time's offset (chrono
 /// compares instants) and the exact encoding.
-fn check_exact(what: &str, got: &Event, want: &Event) {
+pub(crate) fn check_exact(what: &str, got: &Event, want: &Event) {
     assert_eq!(
         got, want,
         "{what}: event `{}` differs from the one appended",

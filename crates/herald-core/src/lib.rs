@@ -15,6 +15,10 @@ pub mod stream;
 pub mod conformance;
 #[cfg(feature = "test-util")]
 pub mod memory;
+#[cfg(feature = "test-util")]
+pub mod memory_broker;
+#[cfg(feature = "test-util")]
+pub mod pubsub_conformance;
 
 pub use event::{Data, Event, ExtensionValue};
 pub use store::{Appended, EventStore, RecordedEvent};

@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod io;
 pub mod record;
 

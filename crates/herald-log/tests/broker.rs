@@ -1,0 +1,431 @@
+//! The embedded broker on a real log in a temporary directory: partitioning and offsets,
+//! consumer groups and rebalancing, ack / nack, and a restart on the same directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use herald_core::broker::{
+    Consumer, Error, GroupName, Message, Publisher, Subscriber, TopicName, partition_for,
+};
+use herald_core::{Direction, Event, EventStore, StreamName, Version};
+use herald_log::broker::{Broker, BrokerOptions};
+use herald_log::{Log, Options};
+
+/// A hang guard, never a synchronisation: a case waiting this long has failed.
+const WAIT_MAX: Duration = Duration::from_secs(20);
+
+async fn open(dir: &Path) -> Log {
+    let options = Options::new(dir);
+    tokio::task::spawn_blocking(move || Log::open(options))
+        .await
+        .expect("the open task")
+        .expect("the log opens")
+}
+
+fn topic(name: &str) -> TopicName {
+    TopicName::new(name).unwrap()
+}
+
+fn group(name: &str) -> GroupName {
+    GroupName::new(name).unwrap()
+}
+
+/// A partition key that lands in `partition` of `partitions`.
+fn key_for(partition: u32, partitions: u32) -> String {
+    (0..)
+        .map(|n| format!("key-{n}"))
+        .find(|key| partition_for(key, partitions) == partition)
+        .unwrap()
+}
+
+fn event(key: &str, n: usize) -> Event {
+    Event::new("/test", "TestEvent")
+        .with_partition_key(key)
+        .with_data(serde_json::json!({ "key": key, "n": n }))
+}
+
+/// One event for each partition in `0..partitions`, `rounds` times, in rounds.
+fn events_per_partition(partitions: u32, rounds: usize) -> Vec<Event> {
+    (0..rounds)
+        .flat_map(|round| {
+            (0..partitions).map(move |partition| event(&key_for(partition, partitions), round))
+        })
+        .collect()
+}
+
+async fn next(consumer: &mut Box<dyn Consumer>) -> Message {
+    tokio::time::timeout(WAIT_MAX, consumer.recv())
+        .await
+        .expect("a message before the hang guard")
+        .expect("the consumer is open")
+        .expect("a message, not an error")
+}
+
+async fn take(consumer: &mut Box<dyn Consumer>, count: usize) -> Vec<Message> {
+    let mut messages = Vec::with_capacity(count);
+    for _ in 0..count {
+        messages.push(next(consumer).await);
+    }
+    messages
+}
+
+fn n_of(message: &Message) -> u64 {
+    message
+        .event
+        .data_as::<serde_json::Value>()
+        .unwrap()
+        .unwrap()["n"]
+        .as_u64()
+        .unwrap()
+}
+
+fn at(messages: &[Message]) -> BTreeSet<(u32, u64)> {
+    messages.iter().map(|m| (m.partition, m.offset)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_partitions_by_key_with_contiguous_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    assert_eq!(broker.create_topic(&orders, 4).await.unwrap(), 4);
+    assert_eq!(
+        broker.create_topic(&orders, 7).await.unwrap(),
+        4,
+        "the partition count is fixed at creation"
+    );
+
+    let keys: Vec<String> = (0..6).map(|n| format!("order-{n}")).collect();
+    let events: Vec<Event> = (0..30).map(|n| event(&keys[n % keys.len()], n)).collect();
+    let first = broker
+        .publish(&orders, events[..10].to_vec())
+        .await
+        .unwrap();
+    let second = broker
+        .publish(&orders, events[10..].to_vec())
+        .await
+        .unwrap();
+    let published: Vec<_> = first.into_iter().chain(second).collect();
+
+    let mut next_offset = BTreeMap::<u32, u64>::new();
+    for (event, published) in events.iter().zip(&published) {
+        let key = event.partition_key().unwrap();
+        assert_eq!(published.partition, partition_for(key, 4), "by key");
+        let expected = next_offset.entry(published.partition).or_insert(0);
+        assert_eq!(published.offset, *expected, "contiguous, in publish order");
+        *expected += 1;
+    }
+    // The offsets are the versions of the partition's system stream.
+    for (&partition, &count) in &next_offset {
+        let stream = StreamName::system(format!("topic:orders:{partition}")).unwrap();
+        let stored = log
+            .read_stream(&stream, Version::START, Direction::Forward, 100)
+            .await
+            .unwrap();
+        assert_eq!(stored.len() as u64, count);
+        let expected: Vec<_> = events
+            .iter()
+            .zip(&published)
+            .filter(|(_, p)| p.partition == partition)
+            .map(|(e, _)| e.id.clone())
+            .collect();
+        let ids: Vec<_> = stored.iter().map(|r| r.event.id.clone()).collect();
+        assert_eq!(ids, expected);
+    }
+
+    // A topic first used by a publish gets the default count.
+    let other = topic("payments");
+    broker.publish(&other, vec![event("a", 0)]).await.unwrap();
+    assert_eq!(broker.create_topic(&other, 2).await.unwrap(), 8);
+
+    assert!(matches!(
+        broker.publish(&orders, Vec::new()).await,
+        Err(Error::EmptyPublish)
+    ));
+    let invalid = event("a", 1).with_id("");
+    assert!(matches!(
+        broker.publish(&orders, vec![event("a", 2), invalid]).await,
+        Err(Error::InvalidEvent { index: 1, .. })
+    ));
+    Publisher::close(&broker).await.unwrap();
+    assert!(matches!(
+        broker.publish(&orders, vec![event("a", 3)]).await,
+        Err(Error::Closed)
+    ));
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_receives_everything_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    broker.create_topic(&orders, 3).await.unwrap();
+    let keys: Vec<String> = (0..5).map(|n| format!("order-{n}")).collect();
+    let events: Vec<Event> = (0..40).map(|n| event(&keys[n % keys.len()], n)).collect();
+    broker
+        .publish(&orders, events[..20].to_vec())
+        .await
+        .unwrap();
+
+    let mut consumer = broker.subscribe(&orders, &group("billing")).await.unwrap();
+    let mut received = take(&mut consumer, 10).await;
+    // Published while the member reads: the subscription goes live.
+    broker
+        .publish(&orders, events[20..].to_vec())
+        .await
+        .unwrap();
+    received.extend(take(&mut consumer, 30).await);
+
+    let ids: BTreeSet<_> = received.iter().map(|m| m.event.id.clone()).collect();
+    assert_eq!(ids.len(), 40, "every message once");
+    for key in &keys {
+        let ns: Vec<u64> = received
+            .iter()
+            .filter(|m| m.event.partition_key() == Some(key))
+            .map(n_of)
+            .collect();
+        assert!(ns.is_sorted(), "messages of key {key} out of order: {ns:?}");
+    }
+    for partition in 0..3 {
+        let offsets: Vec<u64> = received
+            .iter()
+            .filter(|m| m.partition == partition)
+            .map(|m| m.offset)
+            .collect();
+        assert_eq!(offsets, (0..offsets.len() as u64).collect::<Vec<_>>());
+    }
+    assert!(received.iter().all(|m| m.attempt == 1 && m.topic == orders));
+    for message in &received {
+        consumer.ack(message).await.unwrap();
+    }
+    // Acking twice is harmless.
+    consumer.ack(&received[0]).await.unwrap();
+    consumer.close().await.unwrap();
+
+    // Everything was acked: a new member of the group only gets what comes next.
+    let mut again = broker.subscribe(&orders, &group("billing")).await.unwrap();
+    let late = broker
+        .publish(&orders, vec![event("late", 99)])
+        .await
+        .unwrap();
+    let message = next(&mut again).await;
+    assert_eq!(
+        (message.partition, message.offset),
+        (late[0].partition, late[0].offset)
+    );
+    again.close().await.unwrap();
+
+    // Another group gets everything from the start.
+    let mut audit = broker.subscribe(&orders, &group("audit")).await.unwrap();
+    assert_eq!(take(&mut audit, 41).await.len(), 41);
+    audit.close().await.unwrap();
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_split_partitions_and_rebalance_with_redelivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    let billing = group("billing");
+    broker.create_topic(&orders, 4).await.unwrap();
+    broker
+        .publish(&orders, events_per_partition(4, 2))
+        .await
+        .unwrap();
+
+    // Members in join order take partitions round-robin: a gets 0 and 2, b 1 and 3.
+    let mut a = broker.subscribe(&orders, &billing).await.unwrap();
+    let mut b = broker.subscribe(&orders, &billing).await.unwrap();
+    let of_a = take(&mut a, 4).await;
+    let of_b = take(&mut b, 4).await;
+    let partitions =
+        |messages: &[Message]| -> BTreeSet<u32> { messages.iter().map(|m| m.partition).collect() };
+    assert_eq!(partitions(&of_a), BTreeSet::from([0, 2]));
+    assert_eq!(partitions(&of_b), BTreeSet::from([1, 3]));
+    assert!(matches!(b.ack(&of_a[0]).await, Err(Error::NotHeld { .. })));
+
+    // a acks the first message of each of its partitions, then closes: b takes them over
+    // and gets the second ones again.
+    for message in of_a.iter().filter(|m| m.offset == 0) {
+        a.ack(message).await.unwrap();
+    }
+    a.close().await.unwrap();
+    let redelivered = take(&mut b, 2).await;
+    assert_eq!(at(&redelivered), BTreeSet::from([(0, 1), (2, 1)]));
+    assert!(redelivered.iter().all(|m| m.attempt == 2));
+
+    // A third member takes partition 3 from b (members b, c: b keeps 0 and 2, c gets 1 and
+    // 3); b's un-acked message of it is no longer b's to ack, and c gets it again.
+    let mut c = broker.subscribe(&orders, &billing).await.unwrap();
+    let b_3: Vec<&Message> = of_b.iter().filter(|m| m.partition == 3).collect();
+    assert!(matches!(
+        b.ack(b_3[0]).await,
+        Err(Error::NotHeld { partition: 3, .. })
+    ));
+    assert!(matches!(b.nack(b_3[0]).await, Err(Error::NotHeld { .. })));
+    let of_c = take(&mut c, 4).await;
+    assert_eq!(at(&of_c), BTreeSet::from([(1, 0), (1, 1), (3, 0), (3, 1)]));
+    assert!(of_c.iter().all(|m| m.attempt == 2));
+    for message in &redelivered {
+        b.ack(message).await.unwrap();
+    }
+
+    // Dropping a member leaves the group too: c's partitions go back to b.
+    c.ack(&of_c[0]).await.unwrap();
+    let acked_by_c = (of_c[0].partition, of_c[0].offset);
+    drop(c);
+    let back = take(&mut b, 3).await;
+    let expected: BTreeSet<_> = at(&of_c).into_iter().filter(|&m| m != acked_by_c).collect();
+    assert_eq!(at(&back), expected);
+    assert!(back.iter().all(|m| m.attempt == 3));
+    b.close().await.unwrap();
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_redelivers_the_message_and_later_unacked_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    broker.create_topic(&orders, 1).await.unwrap();
+    broker
+        .publish(&orders, (0..5).map(|n| event("k", n)).collect())
+        .await
+        .unwrap();
+    let mut consumer = broker.subscribe(&orders, &group("billing")).await.unwrap();
+    let first = take(&mut consumer, 5).await;
+    assert_eq!(
+        first.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    consumer.ack(&first[0]).await.unwrap();
+    consumer.ack(&first[3]).await.unwrap();
+    consumer.nack(&first[2]).await.unwrap();
+
+    // 2 and 4 again, in order; 1 came before the nacked message and 3 is acked.
+    let again = take(&mut consumer, 2).await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|m| (m.offset, m.attempt))
+            .collect::<Vec<_>>(),
+        [(2, 2), (4, 2)]
+    );
+    // A second nack counts again.
+    consumer.nack(&again[1]).await.unwrap();
+    let third = next(&mut consumer).await;
+    assert_eq!((third.offset, third.attempt), (4, 3));
+    for message in [&first[1], &again[0], &third] {
+        consumer.ack(message).await.unwrap();
+    }
+    // Nothing else is pending: the next message is a new one.
+    broker.publish(&orders, vec![event("k", 5)]).await.unwrap();
+    let fresh = next(&mut consumer).await;
+    assert_eq!((fresh.offset, fresh.attempt), (5, 1));
+    // A message never delivered to this consumer cannot be acked.
+    let mut unknown = fresh.clone();
+    unknown.offset = 6;
+    assert!(matches!(
+        consumer.ack(&unknown).await,
+        Err(Error::NotHeld { offset: 6, .. })
+    ));
+    consumer.close().await.unwrap();
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_at_committed_offsets_and_redelivers_the_unacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = topic("orders");
+    let billing = group("billing");
+    let published;
+    {
+        let log = open(dir.path()).await;
+        let broker = Broker::new(log.clone(), BrokerOptions::default());
+        broker.create_topic(&orders, 2).await.unwrap();
+        published = broker
+            .publish(&orders, events_per_partition(2, 3))
+            .await
+            .unwrap();
+        let mut consumer = broker.subscribe(&orders, &billing).await.unwrap();
+        let received = take(&mut consumer, 6).await;
+        // Partition 0: 0 and 1 acked. Partition 1: 0 and 2 acked, so only 0 is committed.
+        for message in &received {
+            if matches!((message.partition, message.offset), (0, 0 | 1) | (1, 0 | 2)) {
+                consumer.ack(message).await.unwrap();
+            }
+        }
+        consumer.close().await.unwrap();
+        // A member that is dropped rather than closed: its acks are committed by the
+        // shutdown's last commit.
+        let mut other = broker.subscribe(&orders, &group("audit")).await.unwrap();
+        let first = next(&mut other).await;
+        other.ack(&first).await.unwrap();
+        drop(other);
+        broker.shutdown().await;
+        log.close().await.unwrap();
+    }
+    assert_eq!(published.len(), 6);
+
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    assert_eq!(
+        broker.create_topic(&orders, 5).await.unwrap(),
+        2,
+        "the partition count survives"
+    );
+    let mut consumer = broker.subscribe(&orders, &billing).await.unwrap();
+    let resumed = take(&mut consumer, 3).await;
+    assert_eq!(at(&resumed), BTreeSet::from([(0, 2), (1, 1), (1, 2)]));
+    assert!(
+        resumed.iter().all(|m| m.attempt == 1),
+        "attempt counters start again after a restart"
+    );
+    let in_1: Vec<u64> = resumed
+        .iter()
+        .filter(|m| m.partition == 1)
+        .map(|m| m.offset)
+        .collect();
+    assert_eq!(in_1, [1, 2]);
+
+    let mut audit = broker.subscribe(&orders, &group("audit")).await.unwrap();
+    assert_eq!(take(&mut audit, 5).await.len(), 5, "one of six was acked");
+    consumer.close().await.unwrap();
+    audit.close().await.unwrap();
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_recv_and_refuses_new_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    let mut consumer = broker.subscribe(&orders, &group("billing")).await.unwrap();
+    let waiting = tokio::spawn(async move { consumer.recv().await.is_none() });
+    broker.shutdown().await;
+    assert!(
+        tokio::time::timeout(WAIT_MAX, waiting)
+            .await
+            .unwrap()
+            .unwrap(),
+        "recv ends with None"
+    );
+    assert!(matches!(
+        broker.subscribe(&orders, &group("billing")).await,
+        Err(Error::Closed)
+    ));
+    log.close().await.unwrap();
+}
