@@ -67,6 +67,8 @@ fn traced_router(
 }
 
 fn pipeline(router: Router) -> herald_runtime::Pipeline {
+    // Every test here goes through the trace layer: install the subscriber first.
+    common::spans();
     OPTIONS.build(router, StdRng::seed_from_u64(1), clock())
 }
 
@@ -99,8 +101,7 @@ async fn each_attempt_has_its_own_timeout_inside_retry() {
 
 #[test]
 fn one_span_and_one_count_per_delivery_with_the_final_outcome() {
-    let capture = common::SpanCapture::default();
-    let _guard = capture.install();
+    let capture = common::spans();
     let recorder = common::TestRecorder::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = SpansSeen::default();
@@ -109,7 +110,7 @@ fn one_span_and_one_count_per_delivery_with_the_final_outcome() {
             HandlerError::transient("ledger locked")
         });
         pipeline(router)
-            .oneshot(delivery(order_placed()))
+            .oneshot(delivery(order_placed().with_id("evt-order")))
             .await
             .unwrap()
     });
@@ -125,7 +126,7 @@ fn one_span_and_one_count_per_delivery_with_the_final_outcome() {
     );
 
     // Trace is outermost: one span for the three attempts, closed with the final outcome.
-    let spans = capture.named(SPAN_NAME);
+    let spans = capture.deliveries_of("evt-order");
     assert_eq!(spans.len(), 1);
     assert_eq!(
         spans[0].fields.get("outcome").map(String::as_str),

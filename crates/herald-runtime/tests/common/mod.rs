@@ -201,6 +201,23 @@ pub struct CapturedSpan {
     pub fields: BTreeMap<String, String>,
 }
 
+/// The capture behind the test binary's global subscriber, installed on first use.
+///
+/// Global rather than per-thread (`set_default`): tracing caches whether a callsite is
+/// enabled, and a test thread without a subscriber hitting the span first can make a
+/// thread-scoped subscriber miss it. Every test that goes through the trace layer calls
+/// this first, and tests tell their spans apart by event id.
+pub fn spans() -> &'static SpanCapture {
+    static CAPTURE: std::sync::OnceLock<SpanCapture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let capture = SpanCapture::default();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        capture
+    })
+}
+
 /// A tracing layer that keeps every span with its fields.
 #[derive(Clone, Default)]
 pub struct SpanCapture(Arc<Mutex<Vec<(tracing::span::Id, CapturedSpan)>>>);
@@ -234,11 +251,12 @@ impl SpanCapture {
             .collect()
     }
 
-    /// Installs a subscriber with this capture for the current thread.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let subscriber = tracing_subscriber::registry().with(self.clone());
-        tracing::subscriber::set_default(subscriber)
+    /// The delivery spans of the event with id `event_id`.
+    pub fn deliveries_of(&self, event_id: &str) -> Vec<CapturedSpan> {
+        self.named(herald_runtime::SPAN_NAME)
+            .into_iter()
+            .filter(|span| span.fields.get("event.id").map(String::as_str) == Some(event_id))
+            .collect()
     }
 }
 
