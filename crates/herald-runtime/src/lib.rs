@@ -9,6 +9,10 @@
 //! pipeline, publishes what the handler published, stores a dead letter, and acks — or,
 //! for [`Outcome::Abandoned`], does not.
 //!
+//! That caller is the [`consumer`]: [`ConsumerOptions::build`] makes a [`ConsumerService`]
+//! that runs the pipeline for one member of a consumer group — keys in parallel, each key
+//! in order, dead letters into a [`DeadLetterStore`], graceful shutdown.
+//!
 //! # Failures are classified once
 //!
 //! A handler fails with a [`HandlerError`] that is either [transient](ErrorKind::Transient)
@@ -67,7 +71,9 @@
 #![forbid(unsafe_code)]
 
 mod clock;
+pub mod consumer;
 mod dead_letter;
+pub mod dead_letter_store;
 mod delivery;
 mod error;
 mod meter;
@@ -83,7 +89,9 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
 
 pub use clock::{Clock, SystemClock, TokioClock};
+pub use consumer::{ConsumerOptions, ConsumerService, OnDeadLetter};
 pub use dead_letter::{DeadLetterLayer, DeadLetterService};
+pub use dead_letter_store::{DeadLetterStore, InMemoryDeadLetterStore};
 pub use delivery::{DeadLetter, Delivery, Failure, IntoFailure, Outcome};
 pub use error::{BoxError, ErrorKind, HandlerError, RouteError, TimedOut};
 pub use meter::{EVENTS_HANDLED_TOTAL, HANDLER_DURATION_SECONDS, Metrics, MetricsLayer};

@@ -13,7 +13,7 @@ use crate::error::{HandlerError, TimedOut};
 /// Fails an attempt that runs longer than `timeout_ms` with a transient [`TimedOut`]
 /// error, so that the retry layer outside it tries again.
 ///
-/// Herald's own rather than [`tower::timeout::TimeoutLayer`], whose error is a
+/// Herald's own rather than `tower::timeout::TimeoutLayer`, whose error is a
 /// [`tower::BoxError`]: the runtime must know a timeout is transient without downcasting.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutLayer {
