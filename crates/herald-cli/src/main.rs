@@ -11,6 +11,7 @@
 
 mod bench;
 mod debug;
+mod dlq;
 mod events;
 mod store;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Measure the embedded log next to raw-disk baselines taken in the same run.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// List, show, discard and request replays of a consumer group's dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::Command),
     /// Tools that test Herald itself.
     #[command(subcommand, hide = true)]
     Debug(debug::Command),
@@ -88,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // The benchmarks measure a fresh directory: inside `--data-dir` only when one is given.
         Command::Bench(command) => bench::run(command, data_dir.as_deref()).await,
         Command::Debug(command) => debug::run(command, &resolved()).await,
+        Command::Dlq(command) => dlq::run(command, &resolved()).await,
     }
 }
 

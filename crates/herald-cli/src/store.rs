@@ -89,6 +89,9 @@ pub(crate) fn hint(error: &anyhow::Error) -> Option<String> {
         if let Some(error) = cause.downcast_ref::<StoreError>() {
             return store_hint(error);
         }
+        if let Some(error) = cause.downcast_ref::<crate::dlq::Missing>() {
+            return Some(error.hint());
+        }
         if let Some(error) = cause.downcast_ref::<OpenError>() {
             return open_hint(error);
         }

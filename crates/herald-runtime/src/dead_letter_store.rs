@@ -7,8 +7,10 @@
 //! consumer's [`Handle`](crate::consumer::Handle) discards and replays them.
 //!
 //! [`InMemoryDeadLetterStore`] is the implementation for tests: it forgets everything when
-//! dropped. A durable store backed by the embedded log (`herald-log`), so that dead letters
-//! and parked keys survive a restart, comes next; it will implement this same trait.
+//! dropped. [`EventStoreDeadLetters`] is the durable one: it keeps each group's dead letters
+//! as events in a system stream of any [`EventStore`](herald_core::EventStore) — the
+//! embedded log in practice — so that dead letters and parked keys survive a restart, and
+//! the `herald dlq` commands can list, discard and request replays of them.
 //!
 //! # Contract
 //!
@@ -29,6 +31,14 @@ use async_trait::async_trait;
 use herald_core::broker::GroupName;
 
 use crate::delivery::DeadLetter;
+
+mod event_store;
+
+pub use event_store::{
+    DISCARDED_EVENT_TYPE, DeadLetterRecord, DeadLetterStatus, EVENT_SOURCE, EventStoreDeadLetters,
+    Lookup, REPLAY_REQUESTED_EVENT_TYPE, REPLAYED_EVENT_TYPE, ReplayRequest, STORED_EVENT_TYPE,
+    StoredDeadLetter,
+};
 
 /// Keeps dead letters per consumer group; see the [module documentation](self).
 ///

@@ -91,7 +91,7 @@ use tower::ServiceBuilder;
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use consumer::{ConsumerOptions, ConsumerService, OnDeadLetter};
 pub use dead_letter::{DeadLetterLayer, DeadLetterService};
-pub use dead_letter_store::{DeadLetterStore, InMemoryDeadLetterStore};
+pub use dead_letter_store::{DeadLetterStore, EventStoreDeadLetters, InMemoryDeadLetterStore};
 pub use delivery::{DeadLetter, Delivery, Failure, IntoFailure, Outcome};
 pub use error::{BoxError, ErrorKind, HandlerError, RouteError, TimedOut};
 pub use meter::{EVENTS_HANDLED_TOTAL, HANDLER_DURATION_SECONDS, Metrics, MetricsLayer};
@@ -104,13 +104,22 @@ pub use trace::{SPAN_NAME, Trace, TraceLayer};
 pub type Pipeline = Trace<Metrics<DeadLetterService<Retry<Timeout<Router>>>>>;
 
 /// The bounds of the default stack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineOptions {
-    /// How long one handler attempt may run before it fails as transient.
+    /// How long one handler attempt may run before it fails as transient (default 30 s).
     pub timeout_ms: u64,
     /// How failed attempts are retried.
     pub retry: RetryOptions,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            timeout_ms: 30_000,
+            retry: RetryOptions::default(),
+        }
+    }
 }
 
 impl PipelineOptions {

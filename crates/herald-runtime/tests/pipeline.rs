@@ -212,4 +212,10 @@ fn options_have_defaults_and_reject_unknown_fields() {
         RetryOptions::default().delay_max_ms
     );
     assert!(serde_json::from_str::<PipelineOptions>(r#"{ "timeout": 1 }"#).is_err());
+    let defaults: PipelineOptions = serde_json::from_str("{}").unwrap();
+    assert_eq!(defaults, PipelineOptions::default());
+    assert_eq!(
+        defaults.timeout_ms, 30_000,
+        "a handler gets a usable timeout by default"
+    );
 }

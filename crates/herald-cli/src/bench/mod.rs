@@ -7,6 +7,7 @@
 
 mod append;
 mod baseline;
+mod pubsub;
 mod read;
 
 use std::io::IsTerminal as _;
@@ -38,6 +39,16 @@ pub(crate) enum Command {
     /// all with `read_all` forward in pages, and stream by stream with `read_stream`, next to
     /// a raw sequential read of the log's own files.
     Read(read::Args),
+    /// Publish → handler throughput and latency through the durable embedded broker and
+    /// the consumer runtime, next to a bare tokio channel.
+    ///
+    /// Scenarios: `consumers_1_full`, `consumers_1_bare`, `consumers_4_full`,
+    /// `consumers_4_bare` (1 or 4 members of one group; the default middleware stack or
+    /// the router alone), `channel_baseline` (a bounded tokio mpsc), then
+    /// `consumers_1_full_half_rate` and `consumers_1_bare_half_rate` (publishers paced to
+    /// half of `consumers_1_full`'s rate), and the middleware's CPU cost per event
+    /// measured in isolation.
+    Pubsub(pubsub::Args),
 }
 
 /// Runs a `bench` subcommand, measuring a fresh directory created in `parent_dir` (default:
@@ -47,6 +58,7 @@ pub(crate) async fn run(command: Command, parent_dir: Option<&Path>) -> anyhow::
     match command {
         Command::Append(args) => append::run(args, &bench_dir).await,
         Command::Read(args) => read::run(args, &bench_dir).await,
+        Command::Pubsub(args) => pubsub::run(args, &bench_dir).await,
     }
 }
 
