@@ -191,22 +191,27 @@ where
     C: FnOnce(Arc<dyn EventStore>) -> CaseFut,
     CaseFut: Future<Output = ()>,
 {
+    block_on_case("store", async move {
+        let (store, guard) = factory().await;
+        let store: Arc<dyn EventStore> = Arc::new(store);
+        case(Arc::clone(&store)).await;
+        drop(store);
+        drop(guard);
+    });
+}
+
+/// Runs a conformance case on its own multi-threaded runtime with [`WORKER_THREADS`]
+/// workers, failing it if it takes longer than [`CASE_DURATION_MAX`] (the `subject` hangs).
+pub(crate) fn block_on_case(subject: &str, case: impl Future<Output = ()>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()
         .expect("a tokio runtime for the conformance case");
     runtime.block_on(async move {
-        let (store, guard) = factory().await;
-        let store: Arc<dyn EventStore> = Arc::new(store);
-        if tokio::time::timeout(CASE_DURATION_MAX, case(Arc::clone(&store)))
-            .await
-            .is_err()
-        {
-            panic!("the case did not finish within {CASE_DURATION_MAX:?}: the store hangs");
+        if tokio::time::timeout(CASE_DURATION_MAX, case).await.is_err() {
+            panic!("the case did not finish within {CASE_DURATION_MAX:?}: the {subject} hangs");
         }
-        drop(store);
-        drop(guard);
     });
 }
 

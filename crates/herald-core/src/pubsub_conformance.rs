@@ -31,7 +31,7 @@
 //!   (e.g. a `tempfile::TempDir`).
 //! - The capabilities are taken from [`Subscriber::capabilities`] of the started broker.
 //! - The suite consumes in spawned tasks (so the runtime is multi-threaded, with
-//!   [`WORKER_THREADS`] workers). To stop a member it drops a pending [`Consumer::recv`]
+//!   [`WORKER_THREADS`](crate::conformance::WORKER_THREADS) workers). To stop a member it drops a pending [`Consumer::recv`]
 //!   future and then closes or drops the consumer at once, so `recv` need not be
 //!   cancel-safe; a message taken by the abandoned `recv` is un-acked and goes back to the
 //!   group like any other.
@@ -157,7 +157,7 @@ use crate::broker::{
     self, Capabilities, Consumer, Error, GroupName, Message, Published, Publisher, Subscriber,
     TopicName,
 };
-use crate::conformance::{CASE_DURATION_MAX, WAIT_MAX, WORKER_THREADS, check_exact};
+use crate::conformance::{WAIT_MAX, check_exact};
 use crate::event::Event;
 
 /// What a backend provides to run the suite: a broker that can be started, and restarted on
@@ -236,7 +236,8 @@ macro_rules! pubsub_conformance {
 }
 
 /// Runs one case on a fresh fixture from `factory`, on a multi-threaded tokio runtime with
-/// [`WORKER_THREADS`] workers, within [`CASE_DURATION_MAX`].
+/// [`WORKER_THREADS`](crate::conformance::WORKER_THREADS) workers, within
+/// [`CASE_DURATION_MAX`](crate::conformance::CASE_DURATION_MAX).
 pub fn run<F, Fut, X, C, CaseFut>(factory: F, case: C)
 where
     F: FnOnce() -> Fut,
@@ -245,19 +246,9 @@ where
     C: FnOnce(Box<dyn BrokerFixture>) -> CaseFut,
     CaseFut: Future<Output = ()>,
 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime for the conformance case");
-    runtime.block_on(async move {
+    crate::conformance::block_on_case("broker", async move {
         let fixture: Box<dyn BrokerFixture> = Box::new(factory().await);
-        if tokio::time::timeout(CASE_DURATION_MAX, case(fixture))
-            .await
-            .is_err()
-        {
-            panic!("the case did not finish within {CASE_DURATION_MAX:?}: the broker hangs");
-        }
+        case(fixture).await;
     });
 }
 
