@@ -40,11 +40,11 @@ pub(crate) enum Command {
     /// Request that a dead letter be re-delivered to its consumer group, and to that group
     /// only.
     ///
-    /// Marks the dead letter `replay-requested`; requesting it again changes nothing. A
-    /// consumer of the group is meant to pick requested replays up when it starts (the
-    /// data directory's lock keeps this command and a running consumer apart); that pickup
-    /// is not built yet, so for now replay from a running consumer with its
-    /// `Handle::replay`.
+    /// Marks the dead letter `replay-requested`; requesting it again changes nothing. The
+    /// group's consumer replays it when it next starts (the data directory's lock keeps
+    /// this command and a running consumer apart), ahead of the events its key holds; once
+    /// the replay succeeds the dead letter is gone (`show` reports it replayed), and if it
+    /// fails again it is stored again as pending.
     Replay(ReplayArgs),
 }
 
@@ -220,8 +220,8 @@ async fn replay(dead_letters: &EventStoreDeadLetters, args: &ReplayArgs) -> anyh
         .with_context(|| format!("cannot request a replay of dead letter `{id}` of `{group}`"))?;
     match request {
         Some(ReplayRequest::Requested(_)) => println!(
-            "requested a replay of dead letter `{id}` to group `{group}`; consumers do not \
-             pick requests up yet (see `herald dlq replay --help`)"
+            "requested a replay of dead letter `{id}` to group `{group}`; the group's consumer \
+             replays it when it next starts"
         ),
         Some(ReplayRequest::AlreadyRequested(_)) => println!(
             "a replay of dead letter `{id}` to group `{group}` is already requested; nothing \

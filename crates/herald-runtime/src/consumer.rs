@@ -30,21 +30,28 @@
 //!   rest, acks what finished, and closes its consumer, so the group commits. After a clean
 //!   shutdown no finished message is handled again by the group.
 //!
-//! # Why acks wait for `recv`
+//! - **Replays.** [`Handle::replay`] queues a dead letter of the group ahead of its key's
+//!   held events. Replays requested through the store from another process (`herald dlq
+//!   replay` on the embedded log) are picked up every
+//!   [`replay_poll_interval_ms`](ConsumerOptions::replay_poll_interval_ms) the same way. A
+//!   replay that succeeds is removed from the store as
+//!   [replayed](DeadLetterStore::replayed); one that fails again replaces its record.
 //!
-//! The broker contract does not promise that [`Consumer::recv`] is cancel-safe: a `recv`
-//! dropped half-way may lose a message in this member, which is only safe right before the
-//! consumer is closed. So the member never abandons a `recv` except to shut down, and the
-//! acks of messages finished while a `recv` waits are applied when it returns — on a busy
-//! topic at once, on an idle one at the next message or at shutdown. Until then a crash
-//! redelivers them (delivery is at least once either way).
+//! # Acks
+//!
+//! A message is acked as soon as its delivery settles: the receive task gives way to acks
+//! while it waits in [`Consumer::recv`], which the broker contract makes cancel-safe. So
+//! an idle topic does not hold acks back, and a member that shuts down has applied every
+//! ack before it leaves its group.
 //!
 //! # Tasks
 //!
-//! [`ConsumerService::run`] is the scheduler. It owns two kinds of tasks, each in a tracing
-//! span named for it: one `herald.consumer.receive` task that owns the broker
-//! [`Consumer`] (receives, acks, and closes it at the end), and one `herald.consumer.handle`
-//! task per message in flight. All are joined before `run` returns.
+//! [`ConsumerService::run`] is the scheduler. It owns three kinds of tasks, each in a
+//! tracing span named for it: one `herald.consumer.receive` task that owns the broker
+//! [`Consumer`] (receives, acks, and closes it at the end), one
+//! `herald.consumer.replay_requests` task polling the store, and one
+//! `herald.consumer.handle` task per message in flight. All are joined before `run`
+//! returns.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -67,6 +74,9 @@ use tracing::Instrument as _;
 use crate::Pipeline;
 use crate::dead_letter_store::{DeadLetterStore, StoreError, dead_letter_id};
 use crate::delivery::{DeadLetter, Delivery, Outcome};
+
+/// Counter of the dead letters a consumer stored, labelled `group` and `topic`.
+pub const DEAD_LETTERS_TOTAL: &str = "herald_dead_letters_total";
 
 /// What a consumer does with the later events of a key whose event was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -94,6 +104,9 @@ pub struct ConsumerOptions {
     pub on_dead_letter: OnDeadLetter,
     /// The topic the events a handler publishes go to; `None`: they are not published.
     pub publish_topic: Option<String>,
+    /// How often the dead-letter store is asked for replays requested from outside the
+    /// process ([`DeadLetterStore::replay_requests`], e.g. by `herald dlq replay`); 0: never.
+    pub replay_poll_interval_ms: u64,
 }
 
 impl Default for ConsumerOptions {
@@ -104,6 +117,7 @@ impl Default for ConsumerOptions {
             drain_timeout_ms: 10_000,
             on_dead_letter: OnDeadLetter::Continue,
             publish_topic: None,
+            replay_poll_interval_ms: 1_000,
         }
     }
 }
@@ -212,6 +226,9 @@ pub enum Replay {
 pub struct Report {
     /// Deliveries handled (replays included).
     pub handled: u64,
+    /// Deliveries of events the group had handled before (the idempotency layer's
+    /// [`Outcome::Duplicate`]): their recorded events published again, not handled again.
+    pub duplicates: u64,
     /// Deliveries skipped for an unknown type.
     pub skipped: u64,
     /// Deliveries dead-lettered (failed replays included).
@@ -324,9 +341,6 @@ where
             commands_tx,
             commands_rx,
         } = self;
-        // The scheduler keeps no sender: the command channel closes when every handle is
-        // dropped.
-        drop(commands_tx);
 
         let mut parked: HashMap<String, BTreeSet<String>> = HashMap::new();
         if options.on_dead_letter == OnDeadLetter::ParkKey {
@@ -342,6 +356,22 @@ where
             })?;
 
         let receiving = CancellationToken::new();
+        let poller = (options.replay_poll_interval_ms > 0).then(|| {
+            tokio::spawn(
+                poll_replay_requests(
+                    Arc::clone(&dead_letters),
+                    group.clone(),
+                    commands_tx.clone(),
+                    options.replay_poll_interval_ms,
+                    receiving.clone(),
+                )
+                .instrument(tracing::info_span!("herald.consumer.replay_requests", %group)),
+            )
+        });
+        // The scheduler keeps no sender: the command channel closes when every handle (and
+        // the replay-request task) is gone.
+        drop(commands_tx);
+
         let (messages_tx, messages_rx) = mpsc::channel(options.queued_max);
         let (acks_tx, acks_rx) = mpsc::channel(options.queued_max);
         let receiver = tokio::spawn(
@@ -378,9 +408,18 @@ where
         for (key, ids) in parked {
             scheduler.key(&key).parked_by = ids;
         }
-        scheduler
-            .run(shutdown, receiving, messages_rx, commands_rx, receiver)
-            .await
+        let stopped = scheduler
+            .run(shutdown, receiving.clone(), messages_rx, commands_rx, receiver)
+            .await;
+        if let Some(poller) = poller {
+            receiving.cancel();
+            if let Err(error) = poller.await
+                && error.is_panic()
+            {
+                std::panic::resume_unwind(error.into_panic());
+            }
+        }
+        stopped
     }
 }
 
@@ -458,6 +497,9 @@ const COMMANDS_MAX: usize = 16;
 /// How many dead letters are read per page when parking keys at start.
 const DEAD_LETTERS_PAGE_COUNT_MAX: usize = 256;
 
+/// How many requested replays are read per poll at most.
+const REPLAY_REQUESTS_COUNT_MAX: usize = 64;
+
 /// How long the receive task waits after a failed `recv` before the next.
 const RECV_ERROR_DELAY_MS: u64 = 100;
 
@@ -512,6 +554,7 @@ struct Work {
 /// How a delivery settled.
 enum Settled {
     Handled,
+    Duplicate,
     Skipped,
     DeadLettered { id: String },
     Abandoned,
@@ -739,6 +782,10 @@ where
                 self.report.handled += 1;
                 (true, false)
             }
+            Ok(Settled::Duplicate) => {
+                self.report.duplicates += 1;
+                (true, false)
+            }
             Ok(Settled::Skipped) => {
                 self.report.skipped += 1;
                 (true, false)
@@ -850,8 +897,8 @@ async fn parked_keys(
 }
 
 /// The receive task: owns the consumer. Receives while `receiving` is not cancelled and a
-/// permit is free; acks between receives; once told to stop, acks until the scheduler
-/// drops the ack sender, then closes the consumer.
+/// permit is free, and applies each ack as soon as it arrives; once told to stop, acks
+/// until the scheduler drops the ack sender, then closes the consumer.
 async fn receive(
     mut consumer: Box<dyn Consumer>,
     permits: Arc<Semaphore>,
@@ -859,28 +906,32 @@ async fn receive(
     mut acks: mpsc::Receiver<Received>,
     receiving: CancellationToken,
 ) -> Result<(), broker::Error> {
-    loop {
-        while let Ok(received) = acks.try_recv() {
-            ack(consumer.as_mut(), received).await;
-        }
+    'receiving: loop {
         let permit = tokio::select! {
             biased;
             () = receiving.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => {
-                permit.expect("the semaphore is never closed")
-            }
             // No permit free: only acks can free one.
             Some(received) = acks.recv() => {
                 ack(consumer.as_mut(), received).await;
                 continue;
             }
+            permit = Arc::clone(&permits).acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
         };
-        // Dropping a pending `recv` is only safe right before closing, which is what
-        // happens when `receiving` is cancelled.
-        let received = tokio::select! {
-            biased;
-            () = receiving.cancelled() => break,
-            received = consumer.recv() => received,
+        // `recv` is cancel-safe (the broker contract), so it can give way to an ack and be
+        // called again without losing a message.
+        let received = loop {
+            let next = tokio::select! {
+                biased;
+                () = receiving.cancelled() => break 'receiving,
+                Some(received) = acks.recv() => Next::Ack(received),
+                received = consumer.recv() => Next::Received(received),
+            };
+            match next {
+                Next::Ack(received) => ack(consumer.as_mut(), received).await,
+                Next::Received(received) => break received,
+            }
         };
         match received {
             Some(Ok(message)) => {
@@ -913,6 +964,59 @@ async fn receive(
         ack(consumer.as_mut(), received).await;
     }
     consumer.close().await
+}
+
+/// What the receive task got first: an ack to apply or the result of `recv`.
+enum Next {
+    Ack(Received),
+    Received(Option<Result<Message, broker::Error>>),
+}
+
+/// The replay-request task: every `interval_ms` (from the start), asks the store for the
+/// group's requested replays and hands each to the scheduler, which queues it unless it is
+/// queued already. Ends when `stop` is cancelled or the scheduler stops taking commands.
+async fn poll_replay_requests(
+    dead_letters: Arc<dyn DeadLetterStore>,
+    group: GroupName,
+    commands: mpsc::Sender<Command>,
+    interval_ms: u64,
+    stop: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(Duration::from_millis(interval_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let requests = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            requests = dead_letters.replay_requests(&group, REPLAY_REQUESTS_COUNT_MAX) => requests,
+        };
+        let requests = match requests {
+            Ok(requests) => requests,
+            Err(error) => {
+                tracing::warn!(error = %error, "reading the requested replays failed: trying again later");
+                continue;
+            }
+        };
+        for dead_letter in requests {
+            let (reply, replied) = oneshot::channel();
+            let replay = Command::Replay {
+                dead_letter: Box::new(dead_letter),
+                reply,
+            };
+            if commands.send(replay).await.is_err() {
+                return;
+            }
+            // Queued or already queued: done; busy: asked again at the next tick.
+            if replied.await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 async fn ack(consumer: &mut dyn Consumer, received: Received) {
@@ -978,8 +1082,12 @@ async fn settle(
         event_id: event_id.to_owned(),
         source,
     };
+    let duplicate = matches!(outcome, Outcome::Duplicate { .. });
     let settled = match outcome {
-        Outcome::Handled { published } => {
+        // A duplicate's recorded events are published again, like a handled event's: the
+        // publish that followed its first handling may not have happened, and on the
+        // embedded broker publishing the same events again stores nothing new.
+        Outcome::Handled { published } | Outcome::Duplicate { published } => {
             if let Some(topic) = &work.publish_topic
                 && !published.is_empty()
             {
@@ -991,22 +1099,33 @@ async fn settle(
                         source,
                     })?;
             }
-            Settled::Handled
+            if duplicate {
+                Settled::Duplicate
+            } else {
+                Settled::Handled
+            }
         }
         Outcome::Skipped => Settled::Skipped,
         Outcome::DeadLettered(dead_letter) => {
             let id = dead_letter_id(&dead_letter).to_owned();
+            let topic = dead_letter.topic.to_string();
             work.dead_letters
                 .put(*dead_letter)
                 .await
                 .map_err(store_error)?;
+            metrics::counter!(
+                DEAD_LETTERS_TOTAL,
+                "group" => work.group.to_string(),
+                "topic" => topic,
+            )
+            .increment(1);
             return Ok(Settled::DeadLettered { id });
         }
         Outcome::Abandoned => return Ok(Settled::Abandoned),
     };
     if let Some(id) = replay_id {
         work.dead_letters
-            .discard(&work.group, id)
+            .replayed(&work.group, id)
             .await
             .map_err(store_error)?;
     }

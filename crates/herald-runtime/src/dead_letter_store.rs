@@ -20,8 +20,12 @@
 //! - [`list`](DeadLetterStore::list) returns a group's records in ascending id order, at
 //!   most `count_max` of them, starting after the id `after`; paging through it with the
 //!   last id returned sees every record that is not put or discarded meanwhile.
-//! - [`discard`](DeadLetterStore::discard) removes a record and returns it; discarding a
-//!   record that is not there returns `None`, so a discard is idempotent.
+//! - [`discard`](DeadLetterStore::discard) and [`replayed`](DeadLetterStore::replayed)
+//!   remove a record and return it; removing a record that is not there returns `None`, so
+//!   both are idempotent.
+//! - [`replay_requests`](DeadLetterStore::replay_requests) returns the records whose
+//!   replay was requested and not yet answered; a [`put`](DeadLetterStore::put) of the same
+//!   id (the replay failed again) answers the request as much as a removal does.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,6 +68,33 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// Removes the record of `group` with the id `id`; returns it, or `None` if there was
     /// none.
     async fn discard(&self, group: &GroupName, id: &str) -> Result<Option<DeadLetter>, StoreError>;
+
+    /// Removes the record of `group` with the id `id` because its replay succeeded;
+    /// returns it, or `None` if there was none. A store that keeps history SHOULD record
+    /// it as replayed rather than discarded. By default, the same as
+    /// [`discard`](DeadLetterStore::discard).
+    async fn replayed(
+        &self,
+        group: &GroupName,
+        id: &str,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        self.discard(group, id).await
+    }
+
+    /// At most `count_max` records of `group` whose replay was requested through the store
+    /// itself (by another process, e.g. `herald dlq replay`), in ascending id order. The
+    /// group's running consumer polls this and replays them; a request is answered when
+    /// the record is [replayed](DeadLetterStore::replayed) or [put](DeadLetterStore::put)
+    /// again. By default none: a store without such requests is driven by
+    /// [`Handle::replay`](crate::consumer::Handle::replay) alone.
+    async fn replay_requests(
+        &self,
+        group: &GroupName,
+        count_max: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let _ = (group, count_max);
+        Ok(Vec::new())
+    }
 }
 
 /// The id of a dead letter within its group: the id of its event.

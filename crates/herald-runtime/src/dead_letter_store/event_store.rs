@@ -326,17 +326,6 @@ impl EventStoreDeadLetters {
         Err(contended(stream))
     }
 
-    /// Removes the dead letter `id` of `group` because it was replayed successfully,
-    /// recording a `DeadLetterReplayed` marker rather than a discard. Returns the record,
-    /// or `None` if there was none.
-    pub async fn replayed(
-        &self,
-        group: &GroupName,
-        id: &str,
-    ) -> Result<Option<DeadLetter>, StoreError> {
-        self.remove(group, id, REPLAYED_EVENT_TYPE).await
-    }
-
     /// Removes the record `id` by appending a marker of type `ty`, if the record is there.
     async fn remove(
         &self,
@@ -451,6 +440,30 @@ impl DeadLetterStore for EventStoreDeadLetters {
 
     async fn discard(&self, group: &GroupName, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         self.remove(group, id, DISCARDED_EVENT_TYPE).await
+    }
+
+    /// Records a `DeadLetterReplayed` marker rather than a discard.
+    async fn replayed(
+        &self,
+        group: &GroupName,
+        id: &str,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        self.remove(group, id, REPLAYED_EVENT_TYPE).await
+    }
+
+    async fn replay_requests(
+        &self,
+        group: &GroupName,
+        count_max: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let folded = self.fold(group).await?;
+        Ok(folded
+            .records
+            .into_values()
+            .filter(|stored| stored.status == DeadLetterStatus::ReplayRequested)
+            .take(count_max)
+            .map(|stored| stored.dead_letter)
+            .collect())
     }
 }
 
