@@ -46,10 +46,11 @@
 //!
 //! # Tasks
 //!
-//! [`ConsumerService::run`] is the scheduler. It owns three kinds of tasks, each in a
+//! [`ConsumerService::run`] is the scheduler. It owns four kinds of tasks, each in a
 //! tracing span named for it: one `herald.consumer.receive` task that owns the broker
 //! [`Consumer`] (receives, acks, and closes it at the end), one
-//! `herald.consumer.replay_requests` task polling the store, and one
+//! `herald.consumer.replay_requests` task polling the store, one `herald.consumer.lag`
+//! task recording the group's lag ([`crate::lag`]), and one
 //! `herald.consumer.handle` task per message in flight. All are joined before `run`
 //! returns.
 
@@ -72,6 +73,7 @@ use tower_service::Service;
 use tracing::Instrument as _;
 
 use crate::Pipeline;
+use crate::lag::LagOptions;
 use crate::dead_letter_store::{DeadLetterStore, StoreError, dead_letter_id};
 use crate::delivery::{DeadLetter, Delivery, Outcome};
 
@@ -107,6 +109,9 @@ pub struct ConsumerOptions {
     /// How often the dead-letter store is asked for replays requested from outside the
     /// process ([`DeadLetterStore::replay_requests`], e.g. by `herald dlq replay`); 0: never.
     pub replay_poll_interval_ms: u64,
+    /// How often the group's lag is read from the broker and recorded in the gauge
+    /// [`CONSUMER_LAG`](crate::lag::CONSUMER_LAG); 0: never.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for ConsumerOptions {
@@ -118,6 +123,7 @@ impl Default for ConsumerOptions {
             on_dead_letter: OnDeadLetter::Continue,
             publish_topic: None,
             replay_poll_interval_ms: 1_000,
+            lag_interval_ms: LagOptions::default().interval_ms,
         }
     }
 }
@@ -368,6 +374,14 @@ where
                 .instrument(tracing::info_span!("herald.consumer.replay_requests", %group)),
             )
         });
+        let lag = (options.lag_interval_ms > 0).then(|| {
+            let reporter = LagOptions {
+                interval_ms: options.lag_interval_ms,
+            }
+            .build(Arc::clone(&subscriber), topic.clone(), group.clone())
+            .expect("the interval is at least 1");
+            tokio::spawn(reporter.run(receiving.clone()))
+        });
         // The scheduler keeps no sender: the command channel closes when every handle (and
         // the replay-request task) is gone.
         drop(commands_tx);
@@ -411,9 +425,9 @@ where
         let stopped = scheduler
             .run(shutdown, receiving.clone(), messages_rx, commands_rx, receiver)
             .await;
-        if let Some(poller) = poller {
-            receiving.cancel();
-            if let Err(error) = poller.await
+        receiving.cancel();
+        for task in poller.into_iter().chain(lag) {
+            if let Err(error) = task.await
                 && error.is_panic()
             {
                 std::panic::resume_unwind(error.into_panic());
