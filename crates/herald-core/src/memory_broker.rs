@@ -9,11 +9,17 @@
 //!
 //! One mutex guards the whole state, so a publish is trivially atomic as a whole. Topics are
 //! created on first use (publish or subscribe) with the broker's partition count. Within a
-//! group, partition `i` belongs to member `i % members` of the members sorted by join order;
-//! every join and leave recomputes that assignment, and a partition that changes owner
+//! group, every join and leave reassigns the partitions with the sticky
+//! [`broker::rebalance`]: a leave moves only the leaver's partitions, a join takes
+//! partitions only from the members holding the most. A partition that changes owner
 //! restarts at the group's committed offset, so its un-acked messages are delivered again.
-//! Waiting consumers are woken through a [`tokio::sync::watch`] channel that carries a
-//! change counter.
+//! Acks commit at once (memory is all the durability this broker has), so
+//! [`Subscriber::lag`] reports every ack of the acked prefix.
+//!
+//! `recv` is cancel-safe because it takes a message from the state and returns it in one
+//! step under the lock; its only await point is the wait for a change, where it holds
+//! nothing. Waiting consumers are woken through a [`tokio::sync::watch`] channel that
+//! carries a change counter.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,8 +29,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::broker::{
-    self, Capabilities, Consumer, Error, GroupName, Message, Published, Publisher, Subscriber,
-    TopicName,
+    self, Capabilities, Consumer, Error, GroupName, Message, PartitionLag, Published, Publisher,
+    Subscriber, TopicName,
 };
 use crate::event::Event;
 
@@ -214,6 +220,27 @@ impl Subscriber for InMemoryBroker {
         }))
     }
 
+    async fn lag(&self, topic: &TopicName, group: &GroupName) -> Result<Vec<PartitionLag>, Error> {
+        let state = self.shared.state.lock();
+        let Some(topic_state) = state.topics.get(topic) else {
+            return Err(Error::UnknownTopic {
+                topic: topic.clone(),
+            });
+        };
+        let group = topic_state.groups.get(group);
+        Ok(topic_state
+            .partitions
+            .iter()
+            .zip(0u32..)
+            .map(|(log, partition)| {
+                let committed =
+                    group.map_or(0, |group| group.partitions[partition as usize].committed);
+                PartitionLag::new(partition, log.len() as u64, committed)
+                    .expect("a group commits only messages that exist")
+            })
+            .collect())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             ordered_by_key: true,
@@ -292,16 +319,13 @@ impl State {
 }
 
 impl Group {
-    /// Assigns partition `i` to member `i % members` in join order; a partition that
-    /// changes owner restarts at the committed offset, so that the new owner receives the
-    /// un-acked messages again.
+    /// Reassigns the partitions to the members with the sticky [`broker::rebalance`]; a
+    /// partition that changes owner restarts at the committed offset, so that the new owner
+    /// receives the un-acked messages again.
     fn rebalance(&mut self) {
-        for (index, partition) in self.partitions.iter_mut().enumerate() {
-            let owner = if self.members.is_empty() {
-                None
-            } else {
-                Some(self.members[index % self.members.len()])
-            };
+        let mut owners: Vec<Option<u64>> = self.partitions.iter().map(|p| p.owner).collect();
+        broker::rebalance(&mut owners, &self.members);
+        for (partition, owner) in self.partitions.iter_mut().zip(owners) {
             if partition.owner != owner {
                 partition.owner = owner;
                 partition.cursor = partition.committed;

@@ -31,10 +31,11 @@
 //!   (e.g. a `tempfile::TempDir`).
 //! - The capabilities are taken from [`Subscriber::capabilities`] of the started broker.
 //! - The suite consumes in spawned tasks (so the runtime is multi-threaded, with
-//!   [`WORKER_THREADS`](crate::conformance::WORKER_THREADS) workers). To stop a member it drops a pending [`Consumer::recv`]
-//!   future and then closes or drops the consumer at once, so `recv` need not be
-//!   cancel-safe; a message taken by the abandoned `recv` is un-acked and goes back to the
-//!   group like any other.
+//!   [`WORKER_THREADS`](crate::conformance::WORKER_THREADS) workers). To stop a member it
+//!   drops a pending [`Consumer::recv`] future and then closes or drops the consumer at
+//!   once. `recv` MUST be cancel-safe, which [`recv_is_cancel_safe`] checks on its own;
+//!   the other cases drop a `recv` only right before closing, so a backend failing that
+//!   promise fails that case alone.
 //!
 //! ```
 //! // tests/pubsub_conformance.rs of a backend crate
@@ -94,6 +95,9 @@
 //! | [`group_resumes_after_restart`] | (order) | | | needed |
 //! | [`ack_and_nack_of_messages_not_held_fail`] | | | | |
 //! | [`publish_after_close_fails`] | | | | |
+//! | [`lag_counts_what_the_group_has_not_committed`] | | | | |
+//! | [`a_leave_moves_only_the_leavers_partitions`] | | needed | needed | |
+//! | [`recv_is_cancel_safe`] | (order) | | | |
 //!
 //! "(order)": the case runs without the capability, and checks the order of delivery only
 //! with it (and, with it, uses fences to know when everything has arrived).
@@ -136,26 +140,47 @@
 //! - [`group_resumes_after_restart`]: after consuming and acking a prefix of each partition,
 //!   closing everything and restarting the broker on the same storage, the published
 //!   messages MUST still be there (a new group receives them all, exactly), offsets MUST
-//!   continue where they were, and the group MUST resume exactly after its acked prefix.
+//!   continue where they were, [`Subscriber::lag`] MUST report the acked prefix as
+//!   committed before any member joins, and the group MUST resume exactly after its acked
+//!   prefix.
 //! - [`ack_and_nack_of_messages_not_held_fail`]: acking or nacking a message this consumer
 //!   does not hold (never delivered to it, delivered to another group, an offset that does
 //!   not exist, another topic) MUST fail ([`Error::NotHeld`] is the expected error) and
 //!   MUST NOT disturb the consumer.
 //! - [`publish_after_close_fails`]: [`Publisher::close`] MUST succeed; a publish afterwards
 //!   MUST fail with [`Error::Closed`]; [`Consumer::close`] MUST succeed.
+//! - [`lag_counts_what_the_group_has_not_committed`]: [`Subscriber::lag`] MUST list every
+//!   partition once, in order, with its head (the count of its messages) and `lag = head -
+//!   committed`; a group that never joined MUST have committed 0 everywhere; after a member
+//!   acked everything and closed, lag MUST be 0 everywhere; after one acked the first two
+//!   offsets of each partition and closed, those MUST be committed; later publishes MUST
+//!   raise the head and the lag. A topic that does not exist MUST fail with
+//!   [`Error::UnknownTopic`], and asking MUST NOT create it.
+//! - [`a_leave_moves_only_the_leavers_partitions`]: with up to three members of a group
+//!   (at least two partitions; with fewer the case is skipped), when one closes, the others MUST still ack every message they received
+//!   before (no [`Error::NotHeld`]), MUST keep receiving the partitions they held, and
+//!   between them MUST receive the leaver's un-acked messages again and nothing they
+//!   acked.
+//! - [`recv_is_cancel_safe`]: `recv` futures dropped before they complete — unpolled, or
+//!   after one to a few polls — interleaved with publishes and acks MUST NOT lose a
+//!   message: every message MUST arrive exactly once, with `attempt` 1, and with
+//!   `ordered_by_key` in offset order per partition.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use async_trait::async_trait;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::broker::{
-    self, Capabilities, Consumer, Error, GroupName, Message, Published, Publisher, Subscriber,
-    TopicName,
+    self, Capabilities, Consumer, Error, GroupName, Message, PartitionLag, Published, Publisher,
+    Subscriber, TopicName,
 };
 use crate::conformance::{WAIT_MAX, check_exact};
 use crate::event::Event;
@@ -223,6 +248,9 @@ macro_rules! pubsub_conformance {
             group_resumes_after_restart,
             ack_and_nack_of_messages_not_held_fail,
             publish_after_close_fails,
+            lag_counts_what_the_group_has_not_committed,
+            a_leave_moves_only_the_leavers_partitions,
+            recv_is_cancel_safe,
         );
     };
     (@cases ($factory:expr) $($case:ident,)*) => {
@@ -1064,6 +1092,18 @@ pub async fn group_resumes_after_restart(mut fixture: Box<dyn BrokerFixture>) {
     broker.close().await;
 
     let broker = restart(&mut *fixture, case).await;
+    // The committed offsets survived, and lag reports them before any member joins.
+    let want: Vec<PartitionLag> = (0..broker.partitions)
+        .map(|partition| {
+            let head = ledger.head(partition);
+            lag_of(partition, head, head.min(ACKED_BELOW))
+        })
+        .collect();
+    check_lag(
+        "lag after the restart, before the group's first member joined",
+        &broker.lag(&t, group).await,
+        &want,
+    );
     // Offsets continue after the restart.
     let fences = ledger
         .publish(
@@ -1240,6 +1280,309 @@ pub async fn publish_after_close_fails(mut fixture: Box<dyn BrokerFixture>) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Lag
+// ---------------------------------------------------------------------------------------
+
+/// Lag is head minus the durable committed offset, per partition, for any group.
+pub async fn lag_counts_what_the_group_has_not_committed(mut fixture: Box<dyn BrokerFixture>) {
+    /// The prefix group acks the messages below this offset of each partition.
+    const ACKED_BELOW: u64 = 2;
+    let case = "lag_counts_what_the_group_has_not_committed";
+    let t = topic("pubsub-lag");
+    let unknown = topic("pubsub-lag-unknown");
+    let Some(broker) = start(&mut *fixture, case, NEEDS_NOTHING, &[&t]).await else {
+        return;
+    };
+    let partitions = broker.partitions;
+    let (never, all, prefix) = ("pubsub-lag-never", "pubsub-lag-all", "pubsub-lag-prefix");
+    let check_unknown = |what: &str, result: &Result<Vec<PartitionLag>, Error>| match result {
+        Err(Error::UnknownTopic { topic }) if *topic == unknown => {}
+        other => panic!(
+            "{what}: lag of a topic that does not exist must fail with UnknownTopic naming it, \
+             got {}",
+            describe(other)
+        ),
+    };
+    check_unknown("before any publish", &broker.lag(&unknown, never).await);
+
+    let mut ledger = Ledger::new(t.clone());
+    let events: Vec<Event> = (0..6 * partitions as usize)
+        .map(|n| event(&format!("lag-{n}"), Some(&format!("lag-key-{}", n % 7))))
+        .collect();
+    let published = ledger.publish(&broker, events, "a publish").await;
+    check_lag(
+        "lag of a group that never joined, after a publish",
+        &broker.lag(&t, never).await,
+        &ledger.lag(partitions, |_| 0),
+    );
+
+    // One group acks everything, another the first offsets of each partition.
+    let (tx, mut all_rx) = mpsc::unbounded_channel();
+    let all_member = spawn_member(
+        "the member acking everything",
+        broker.subscribe(&t, all).await,
+        |_| true,
+        tx,
+    );
+    let (tx, mut prefix_rx) = mpsc::unbounded_channel();
+    let prefix_member = spawn_member(
+        "the member acking a prefix",
+        broker.subscribe(&t, prefix).await,
+        |message| message.offset < ACKED_BELOW,
+        tx,
+    );
+    for (what, rx) in [
+        ("the member acking everything", &mut all_rx),
+        ("the member acking a prefix", &mut prefix_rx),
+    ] {
+        collect(
+            rx,
+            Want {
+                what,
+                must: published.iter().cloned().collect(),
+                fences: HashSet::new(),
+                may: HashSet::new(),
+                ordered: false,
+            },
+        )
+        .await;
+    }
+    all_member.stop(Stop::Close).await;
+    prefix_member.stop(Stop::Close).await;
+    check_lag(
+        "lag of a group whose member acked everything and closed",
+        &broker.lag(&t, all).await,
+        &ledger.lag(partitions, |head| head),
+    );
+    check_lag(
+        "lag of a group whose member acked the first offsets of each partition and closed",
+        &broker.lag(&t, prefix).await,
+        &ledger.lag(partitions, |head| head.min(ACKED_BELOW)),
+    );
+    check_lag(
+        "lag of a group that never joined, after other groups consumed",
+        &broker.lag(&t, never).await,
+        &ledger.lag(partitions, |_| 0),
+    );
+
+    // New messages raise the head and the lag; committed offsets stay.
+    ledger
+        .publish(&broker, fences("lag", partitions), "the fences")
+        .await;
+    check_lag(
+        "lag of the group that acked everything, after a later publish",
+        &broker.lag(&t, all).await,
+        &ledger.lag(partitions, |head| head - 1),
+    );
+    check_unknown(
+        "after lags were asked for (asking must not create the topic)",
+        &broker.lag(&unknown, never).await,
+    );
+    broker.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Sticky assignment and cancel safety
+// ---------------------------------------------------------------------------------------
+
+/// When a member leaves, the others keep their partitions and can ack what they received.
+pub async fn a_leave_moves_only_the_leavers_partitions(mut fixture: Box<dyn BrokerFixture>) {
+    let case = "a_leave_moves_only_the_leavers_partitions";
+    let t = topic("pubsub-sticky");
+    let needs = Capabilities {
+        consumer_groups: true,
+        redelivery: true,
+        ..NEEDS_NOTHING
+    };
+    let Some(broker) = start(&mut *fixture, case, needs, &[&t]).await else {
+        return;
+    };
+    let partitions = broker.partitions;
+    if partitions < 2 {
+        eprintln!("pubsub conformance: skipping {case}: it needs at least two partitions");
+        broker.close().await;
+        return;
+    }
+    let group = "pubsub-sticky-group";
+    let mut members = Vec::new();
+    for _ in 0..partitions.min(3) {
+        members.push(broker.subscribe(&t, group).await);
+    }
+    let mut ledger = Ledger::new(t.clone());
+    let first = ledger
+        .publish(
+            &broker,
+            fences("sticky-1", partitions),
+            "one message per partition",
+        )
+        .await;
+    let received = recv_from_all(&mut members, first.len(), "the members before one leaves").await;
+    let mut holder: HashMap<u32, usize> = HashMap::new();
+    for (member, message) in &received {
+        ledger.check("the members before one leaves", message);
+        if let Some(other) = holder.insert(message.partition, *member) {
+            panic!(
+                "partition {} went to members {other} and {member} of one group",
+                message.partition
+            );
+        }
+    }
+    for member in 0..members.len() {
+        assert!(
+            holder.values().any(|holder| *holder == member),
+            "with {} members and {partitions} partitions, every member must get a partition; \
+             member {member} got none",
+            members.len()
+        );
+    }
+
+    // Member 0 leaves without acking: its partitions move, no other partition does.
+    let leaver = members.remove(0);
+    close(leaver, "the leaving member").await;
+    for (member, message) in received.iter().filter(|(member, _)| *member > 0) {
+        members[member - 1]
+            .ack(message)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "member {member} received {} before another member left; its ack must \
+                     succeed after the leave (a leave moves only the leaver's partitions), \
+                     but failed: {error}",
+                    summary(message)
+                )
+            });
+    }
+    let leavers: HashSet<String> = received
+        .iter()
+        .filter(|(member, _)| *member == 0)
+        .map(|(_, message)| message.event.id.clone())
+        .collect();
+    let second = ledger
+        .publish(
+            &broker,
+            fences("sticky-2", partitions),
+            "one message per partition again",
+        )
+        .await;
+    let again = recv_from_all(
+        &mut members,
+        second.len() + leavers.len(),
+        "the members after one left",
+    )
+    .await;
+    let mut seen = HashSet::new();
+    for (member, message) in &again {
+        let what = "the members after one left";
+        ledger.check(what, message);
+        let id = &message.event.id;
+        assert!(
+            seen.insert(id.clone()),
+            "{what}: {} arrived twice",
+            summary(message)
+        );
+        assert!(
+            second.contains(id) || leavers.contains(id),
+            "{what}: {} must not come again: it was acked by a member that stayed",
+            summary(message)
+        );
+        let before = holder[&message.partition];
+        if before != 0 {
+            assert_eq!(
+                before,
+                member + 1,
+                "{what}: partition {} was held by member {before}, which stayed; it must not \
+                 move, but member {} received {}",
+                message.partition,
+                member + 1,
+                summary(message)
+            );
+        }
+    }
+    for member in members {
+        close(member, "a member that stayed").await;
+    }
+    broker.close().await;
+}
+
+/// Dropping `recv` futures at any point loses no message.
+pub async fn recv_is_cancel_safe(mut fixture: Box<dyn BrokerFixture>) {
+    /// Rounds of publishes and abandoned receives.
+    const ROUNDS: usize = 150;
+    /// Polls of an abandoned `recv` before it is dropped, at most.
+    const POLLS_MAX: u64 = 4;
+    let case = "recv_is_cancel_safe";
+    let t = topic("pubsub-cancel");
+    let Some(broker) = start(&mut *fixture, case, NEEDS_NOTHING, &[&t]).await else {
+        return;
+    };
+    let ordered = broker.capabilities.ordered_by_key;
+    let what = "a consumer whose recv futures are dropped";
+    let mut consumer = broker.subscribe(&t, "pubsub-cancel-group").await;
+    let mut ledger = Ledger::new(t.clone());
+    let mut random = SplitMix(0x5eed_cafe);
+    let mut published: Vec<String> = Vec::new();
+    let mut received: Vec<Delivery> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for round in 0..ROUNDS {
+        if random.below(3) > 0 {
+            let count = 1 + random.below(3) as usize;
+            let batch = events(&format!("cancel-{round}"), count, None);
+            published.extend(ledger.publish(&broker, batch, "a publish").await);
+        }
+        for _ in 0..random.below(4) {
+            let polls = random.below(POLLS_MAX + 1);
+            if let Some(next) = abandoned_recv(&mut *consumer, polls).await {
+                let message = delivered(what, next);
+                accept(what, &ledger, &mut seen, &message);
+                ack(&mut *consumer, &message, what).await;
+                received.push(Delivery {
+                    member: "the consumer",
+                    message,
+                });
+            }
+        }
+    }
+    let fences = ledger
+        .publish(&broker, fences("cancel", broker.partitions), "the fences")
+        .await;
+    // The rest arrives through whole receives. With order per partition the fences come
+    // last in theirs, so a message lost earlier shows as missing once they have arrived.
+    let mut fences_left: HashSet<&String> = fences.iter().collect();
+    let total = published.len() + fences.len();
+    while if ordered {
+        !fences_left.is_empty()
+    } else {
+        seen.len() < total
+    } {
+        let message = recv(&mut *consumer, what).await;
+        accept(what, &ledger, &mut seen, &message);
+        fences_left.remove(&message.event.id);
+        ack(&mut *consumer, &message, what).await;
+        received.push(Delivery {
+            member: "the consumer",
+            message,
+        });
+    }
+    let missing: Vec<&String> = published
+        .iter()
+        .chain(&fences)
+        .filter(|id| !seen.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: {} of {total} messages were lost (e.g. event `{}`): a dropped recv must not \
+         lose the message it was about to return",
+        missing.len(),
+        missing.first().map_or("", |id| id.as_str())
+    );
+    if ordered {
+        check_partition_order(what, &received, true);
+    }
+    close(consumer, "the consumer").await;
+    broker.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
@@ -1263,6 +1606,11 @@ impl Broker {
             .unwrap_or_else(|error| {
                 panic!("subscribe to `{topic}` as group `{group}` failed: {error}")
             })
+    }
+
+    async fn lag(&self, topic: &TopicName, group: &str) -> Result<Vec<PartitionLag>, Error> {
+        let group = GroupName::new(group).expect("the suite's group names are valid");
+        self.subscriber.lag(topic, &group).await
     }
 
     /// Closes the publisher and drops both handles.
@@ -1384,6 +1732,22 @@ impl Ledger {
             self.record(event, at);
         }
         ids
+    }
+
+    /// The offset after the last message published to `partition`.
+    fn head(&self, partition: u32) -> u64 {
+        self.next_offset.get(&partition).copied().unwrap_or(0)
+    }
+
+    /// The lag of every partition when the committed offset of a partition of `head`
+    /// messages is `committed(head)`.
+    fn lag(&self, partitions: u32, committed: impl Fn(u64) -> u64) -> Vec<PartitionLag> {
+        (0..partitions)
+            .map(|partition| {
+                let head = self.head(partition);
+                lag_of(partition, head, committed(head))
+            })
+            .collect()
     }
 
     fn record(&mut self, event: Event, at: Published) {
@@ -1677,6 +2041,119 @@ fn check_redelivered(
     }
     if ordered {
         check_partition_order(what, deliveries, false);
+    }
+}
+
+fn lag_of(partition: u32, head: u64, committed: u64) -> PartitionLag {
+    PartitionLag::new(partition, head, committed)
+        .expect("the suite expects no committed offset beyond the head")
+}
+
+/// Checks a [`Subscriber::lag`] result against the lag expected.
+fn check_lag(what: &str, result: &Result<Vec<PartitionLag>, Error>, want: &[PartitionLag]) {
+    let got = result
+        .as_ref()
+        .unwrap_or_else(|error| panic!("{what}: Subscriber::lag failed: {error}"));
+    assert_eq!(
+        got.as_slice(),
+        want,
+        "{what}: lag must list every partition once, in order, with its head, the durable \
+         committed offset and head - committed"
+    );
+}
+
+/// Receives from every member at once until `count` messages have arrived; returns each
+/// with the index of the member that received it. The receives still pending at the end
+/// are dropped (`recv` is cancel-safe), so nothing published after them is lost.
+async fn recv_from_all(
+    members: &mut [Box<dyn Consumer>],
+    count: usize,
+    what: &str,
+) -> Vec<(usize, Message)> {
+    async fn next(
+        index: usize,
+        consumer: &mut Box<dyn Consumer>,
+    ) -> (
+        usize,
+        &mut Box<dyn Consumer>,
+        Option<Result<Message, Error>>,
+    ) {
+        let next = consumer.recv().await;
+        (index, consumer, next)
+    }
+    let mut pending: FuturesUnordered<_> = members
+        .iter_mut()
+        .enumerate()
+        .map(|(index, consumer)| next(index, consumer))
+        .collect();
+    let mut received = Vec::with_capacity(count);
+    while received.len() < count {
+        let (index, consumer, result) = match tokio::time::timeout(WAIT_MAX, pending.next()).await {
+            Err(_) => panic!(
+                "{what}: {} of {count} messages did not arrive within {WAIT_MAX:?}",
+                count - received.len()
+            ),
+            Ok(None) => panic!("{what}: there is no member to receive from"),
+            Ok(Some(next)) => next,
+        };
+        received.push((index, delivered(what, result)));
+        pending.push(next(index, consumer));
+    }
+    received
+}
+
+/// Polls a `recv` up to `polls` times, yielding to the runtime in between, and drops it
+/// unless it completed; returns what it returned if it did.
+async fn abandoned_recv(
+    consumer: &mut dyn Consumer,
+    polls: u64,
+) -> Option<Option<Result<Message, Error>>> {
+    let mut pending = consumer.recv();
+    for _ in 0..polls {
+        if let Poll::Ready(result) = futures::poll!(&mut pending) {
+            return Some(result);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// The message of a completed `recv`, or a panic naming what went wrong.
+fn delivered(what: &str, result: Option<Result<Message, Error>>) -> Message {
+    match result {
+        None => panic!("{what}: recv returned None before the consumer was closed"),
+        Some(Err(error)) => panic!("{what}: recv failed: {error}"),
+        Some(Ok(message)) => message,
+    }
+}
+
+/// Checks a message delivered once: as published, attempt 1, not seen before.
+fn accept(what: &str, ledger: &Ledger, seen: &mut HashSet<String>, message: &Message) {
+    ledger.check(what, message);
+    assert!(
+        seen.insert(message.event.id.clone()),
+        "{what}: {} was delivered twice",
+        summary(message)
+    );
+    assert_eq!(
+        message.attempt,
+        1,
+        "{what}: the first delivery of {} must have attempt 1",
+        summary(message)
+    );
+}
+
+/// SplitMix64: the suite's seeded source of choices, so a failing run can be replayed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    /// A number in `0..bound`.
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % bound
     }
 }
 

@@ -61,7 +61,8 @@ mod restart_keeping_state {
     use async_trait::async_trait;
     use herald_core::Event;
     use herald_core::broker::{
-        Capabilities, Consumer, Error, GroupName, Published, Publisher, Subscriber, TopicName,
+        Capabilities, Consumer, Error, GroupName, PartitionLag, Published, Publisher, Subscriber,
+        TopicName,
     };
     use herald_core::memory_broker::InMemoryBroker;
     use herald_core::pubsub_conformance::{self, BrokerFixture};
@@ -91,6 +92,14 @@ mod restart_keeping_state {
             group: &GroupName,
         ) -> Result<Box<dyn Consumer>, Error> {
             self.0.subscribe(topic, group).await
+        }
+
+        async fn lag(
+            &self,
+            topic: &TopicName,
+            group: &GroupName,
+        ) -> Result<Vec<PartitionLag>, Error> {
+            self.0.lag(topic, group).await
         }
 
         fn capabilities(&self) -> Capabilities {
@@ -156,8 +165,8 @@ mod the_suite_catches_faults {
     use futures::FutureExt as _;
     use herald_core::Event;
     use herald_core::broker::{
-        Capabilities, Consumer, Error, GroupName, Message, Published, Publisher, Subscriber,
-        TopicName,
+        Capabilities, Consumer, Error, GroupName, Message, PartitionLag, Published, Publisher,
+        Subscriber, TopicName,
     };
     use herald_core::memory_broker::InMemoryBroker;
     use herald_core::pubsub_conformance::{self, BrokerFixture};
@@ -171,6 +180,11 @@ mod the_suite_catches_faults {
         NackAcks,
         /// Publish reports offsets one too high.
         OffsetsOffByOne,
+        /// Lag reports nothing committed.
+        LagForgetsCommits,
+        /// `recv` yields to the runtime between taking a message and returning it, so a
+        /// `recv` dropped at that point loses the message.
+        RecvNotCancelSafe,
     }
 
     #[derive(Clone)]
@@ -221,6 +235,21 @@ mod the_suite_catches_faults {
             }))
         }
 
+        async fn lag(
+            &self,
+            topic: &TopicName,
+            group: &GroupName,
+        ) -> Result<Vec<PartitionLag>, Error> {
+            let mut lag = self.inner.lag(topic, group).await?;
+            if self.fault == Fault::LagForgetsCommits {
+                for partition in &mut lag {
+                    *partition = PartitionLag::new(partition.partition, partition.head, 0)
+                        .expect("0 is never beyond the head");
+                }
+            }
+            Ok(lag)
+        }
+
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
@@ -249,6 +278,9 @@ mod the_suite_catches_faults {
                         return Some(Err(error));
                     }
                     continue;
+                }
+                if self.fault == Fault::RecvNotCancelSafe {
+                    tokio::task::yield_now().await;
                 }
                 return Some(Ok(message));
             }
@@ -327,6 +359,24 @@ mod the_suite_catches_faults {
         catches(
             Fault::ConsumerSkipsOne,
             pubsub_conformance::order_per_key_under_concurrent_publishers,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_lag_that_forgets_commits() {
+        catches(
+            Fault::LagForgetsCommits,
+            pubsub_conformance::lag_counts_what_the_group_has_not_committed,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_recv_that_is_not_cancel_safe() {
+        catches(
+            Fault::RecvNotCancelSafe,
+            pubsub_conformance::recv_is_cancel_safe,
         )
         .await;
     }

@@ -11,10 +11,10 @@
 //! | `$topic:<topic>:<partition>` | the messages of one partition; offset = stream version     |
 //! | `$offsets:<group>:<topic>`   | snapshots of the group's committed offsets, newest last    |
 //!
-//! The partition count lives in `$topics:<topic>` rather than `$topic:<topic>` because a
-//! topic name may contain `:`: the count of a topic `a:0` would otherwise be stored in the
-//! stream of partition 0 of topic `a`. For the same reason every offsets snapshot names its
-//! topic and group, and a group only reads the snapshots that are its own.
+//! Topic and group names never contain `:` (see [Names](herald_core::broker#names)), so
+//! each of these streams belongs to one topic, or one group on one topic, and no other.
+//! The records still name their topic and group; a group reads only the snapshots that are
+//! its own.
 //!
 //! # Contract
 //!
@@ -34,10 +34,14 @@
 //!   are unique in the log).
 //! - **Order.** Within a partition, a member receives messages in offset order; messages of
 //!   different partitions may be interleaved.
-//! - **Consumer groups.** Every (topic, group) has one in-process coordinator: members in
-//!   join order, partitions assigned round-robin (`partition % members`). On every join,
-//!   leave, close or drop the partitions are reassigned; a member that loses a partition
-//!   stops receiving it at once, and its acks and nacks for it fail with
+//! - **Consumer groups.** Every (topic, group) has one in-process coordinator that
+//!   reassigns the partitions on every join, leave, close or drop with the sticky
+//!   [`rebalance`](herald_core::broker::rebalance): when a member leaves, only its
+//!   partitions move, to the members holding the fewest; when one joins, it takes
+//!   partitions from the members holding the most until the group is balanced, and every
+//!   other partition stays where it is. A member that keeps a partition keeps its hold, so
+//!   its acks and nacks of messages delivered before the rebalance succeed; a member that
+//!   loses a partition stops receiving it at once, and its acks and nacks for it fail with
 //!   [`Error::NotHeld`]. The new owner starts at the group's committed offset and skips
 //!   messages already acked after it. There MUST be one `Broker` per log: two brokers on the
 //!   same log do not know each other's members.
@@ -53,6 +57,18 @@
 //! - **Nack.** [`Consumer::nack`](herald_core::broker::Consumer::nack) rewinds the message's partition for this member to the
 //!   message's offset: it and every later message of the partition not yet acked are
 //!   delivered again, in order.
+//! - **Lag.** [`Subscriber::lag`] reports each partition's head (the next version of its
+//!   stream) and the group's committed offset as the commit task last made it durable —
+//!   acks recorded only in memory do not count — or, for a group no member of this broker
+//!   has joined since it started, the newest snapshot in `$offsets:<group>:<topic>`. It
+//!   reads the committed offsets before the heads, so a lag is never negative, and it
+//!   creates neither the topic nor the group: an unknown topic fails with
+//!   [`Error::UnknownTopic`].
+//! - **Cancel-safe receive.** [`Consumer::recv`](herald_core::broker::Consumer::recv) takes a
+//!   message from a partition's log subscription and returns it in the same poll; its await
+//!   points (subscribing, waiting for the log, a rebalance or a shutdown) hold no message,
+//!   and the subscriptions belong to the consumer, not to the `recv` future. A dropped
+//!   `recv` loses nothing.
 //! - **Attempts.** `attempt` counts deliveries to the group of one (partition, offset). The
 //!   counters are kept in memory only: after a restart of the broker (or of the process)
 //!   they start again at 1.
@@ -71,8 +87,8 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use futures::StreamExt;
 use herald_core::broker::{
-    Capabilities, Error, GroupName, Message, Published, Publisher, Subscriber, TopicName,
-    partition_for, partition_key,
+    self, Capabilities, Error, GroupName, Message, PartitionLag, Published, Publisher, Subscriber,
+    TopicName, partition_for, partition_key,
 };
 use herald_core::store::{self, Subscription};
 use herald_core::{
@@ -282,6 +298,45 @@ impl Subscriber for Broker {
             rotate: 0,
             left: false,
         }))
+    }
+
+    async fn lag(&self, topic: &TopicName, group: &GroupName) -> Result<Vec<PartitionLag>, Error> {
+        let Some(info) = self.inner.existing_topic(topic).await? else {
+            return Err(Error::UnknownTopic {
+                topic: topic.clone(),
+            });
+        };
+        // Committed offsets first, heads after: a commit covers only messages that exist,
+        // so every head read afterwards is at or beyond its committed offset.
+        let offsets = offsets_stream(group, topic)?;
+        let committed = self
+            .inner
+            .durable_committed(topic, group, &info, &offsets)
+            .await?;
+        let heads = futures::future::try_join_all(
+            info.streams
+                .iter()
+                .map(|stream| self.inner.log.stream_version(stream)),
+        )
+        .await
+        .map_err(backend)?;
+        committed
+            .into_iter()
+            .zip(heads)
+            .zip(0u32..)
+            .map(|((committed, last), partition)| {
+                let head = last.map_or(0, |version| version.0 + 1);
+                PartitionLag::new(partition, head, committed).ok_or_else(|| {
+                    backend(InvalidRecord {
+                        stream: offsets.clone(),
+                        reason: format!(
+                            "committed offset {committed} of partition {partition} is beyond \
+                             its {head} messages"
+                        ),
+                    })
+                })
+            })
+            .collect()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -661,12 +716,24 @@ struct InvalidRecord {
 }
 
 impl Inner {
+    /// The topic, if it exists.
+    async fn existing_topic(&self, topic: &TopicName) -> Result<Option<Arc<TopicInfo>>, Error> {
+        if let Some(info) = self.topics.lock().get(topic) {
+            return Ok(Some(info.clone()));
+        }
+        let stream = topics_stream(topic)?;
+        match read_topic(&self.log, &stream).await? {
+            Some(count) => self.known_topic(topic, count).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The topic, created with `partitions` partitions if it does not exist yet.
     async fn topic(&self, topic: &TopicName, partitions: u32) -> Result<Arc<TopicInfo>, Error> {
         if let Some(info) = self.topics.lock().get(topic) {
             return Ok(info.clone());
         }
-        let stream = StreamName::system(format!("topics:{topic}")).map_err(backend)?;
+        let stream = topics_stream(topic)?;
         let count = match read_topic(&self.log, &stream).await? {
             Some(count) => count,
             None => {
@@ -695,6 +762,11 @@ impl Inner {
                 }
             }
         };
+        self.known_topic(topic, count)
+    }
+
+    /// Caches the topic, which exists with `count` partitions.
+    fn known_topic(&self, topic: &TopicName, count: u32) -> Result<Arc<TopicInfo>, Error> {
         let streams = (0..count)
             .map(|partition| StreamName::system(format!("topic:{topic}:{partition}")))
             .collect::<Result<Vec<_>, _>>()
@@ -706,6 +778,35 @@ impl Inner {
             .entry(topic.clone())
             .or_insert(info)
             .clone())
+    }
+
+    /// The committed offsets of `group` on `topic` as last made durable: the coordinator's
+    /// if the group is loaded, else the newest snapshot in `offsets`, its offsets stream.
+    async fn durable_committed(
+        &self,
+        topic: &TopicName,
+        group: &GroupName,
+        info: &TopicInfo,
+        offsets: &StreamName,
+    ) -> Result<Vec<u64>, Error> {
+        let loaded = self
+            .groups
+            .lock()
+            .get(&(topic.clone(), group.clone()))
+            .and_then(|cell| cell.get().cloned());
+        if let Some(loaded) = loaded {
+            let state = loaded.state.lock();
+            return Ok(state.partitions.iter().map(|p| p.durable).collect());
+        }
+        read_committed(
+            &self.log,
+            offsets,
+            topic,
+            group,
+            info.streams.len(),
+            self.options.offsets_read_batch_len_max.max(1),
+        )
+        .await
     }
 
     /// The coordinator of `group` on `topic`, loaded (with its committed offsets) on first
@@ -733,8 +834,7 @@ impl Inner {
         name: &GroupName,
         info: &TopicInfo,
     ) -> Result<Arc<Group>, Error> {
-        let offsets_stream =
-            StreamName::system(format!("offsets:{name}:{topic}")).map_err(backend)?;
+        let offsets_stream = offsets_stream(name, topic)?;
         let committed = read_committed(
             &self.log,
             &offsets_stream,
@@ -792,8 +892,8 @@ impl Group {
         self.reassign(&mut state);
     }
 
-    /// Round-robin over the members in join order; a partition that keeps its owner keeps
-    /// its hold (and so its member's cursor).
+    /// The sticky [`broker::rebalance`] over the members in join order; a partition that
+    /// keeps its owner keeps its hold (and so its member's cursor and acks).
     fn reassign(&self, state: &mut GroupState) {
         let GroupState {
             members,
@@ -801,8 +901,12 @@ impl Group {
             epoch,
             ..
         } = state;
-        for (index, partition) in partitions.iter_mut().enumerate() {
-            let member = (!members.is_empty()).then(|| members[index % members.len()]);
+        let mut owners: Vec<Option<u64>> = partitions
+            .iter()
+            .map(|partition| partition.owner.map(|owner| owner.member))
+            .collect();
+        broker::rebalance(&mut owners, members);
+        for (partition, member) in partitions.iter_mut().zip(owners) {
             if partition.owner.map(|owner| owner.member) != member {
                 partition.owner = member.map(|member| {
                     *epoch += 1;
@@ -1005,6 +1109,16 @@ async fn read_committed(
             _ => return Ok(vec![0; partitions]),
         }
     }
+}
+
+/// `$topics:<topic>`: the stream holding the topic's partition count.
+fn topics_stream(topic: &TopicName) -> Result<StreamName, Error> {
+    StreamName::system(format!("topics:{topic}")).map_err(backend)
+}
+
+/// `$offsets:<group>:<topic>`: the stream of the group's committed offsets on the topic.
+fn offsets_stream(group: &GroupName, topic: &TopicName) -> Result<StreamName, Error> {
+    StreamName::system(format!("offsets:{group}:{topic}")).map_err(backend)
 }
 
 fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Error {

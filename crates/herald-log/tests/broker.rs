@@ -1,15 +1,20 @@
 //! The embedded broker on a real log in a temporary directory: partitioning and offsets,
-//! consumer groups and rebalancing, ack / nack, and a restart on the same directory.
+//! consumer groups and sticky rebalancing, ack / nack, lag, and a restart on the same
+//! directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::broker::{
-    Consumer, Error, GroupName, Message, Publisher, Subscriber, TopicName, partition_for,
+    Consumer, Error, GroupName, Message, PartitionLag, Publisher, Subscriber, TopicName,
+    partition_for,
 };
 use herald_core::{Direction, Event, EventStore, StreamName, Version};
 use herald_log::broker::{Broker, BrokerOptions};
+use herald_log::io::Io;
+use herald_log::io::sim::SimIo;
 use herald_log::{Log, Options};
 
 /// A hang guard, never a synchronisation: a case waiting this long has failed.
@@ -241,15 +246,15 @@ async fn members_split_partitions_and_rebalance_with_redelivery() {
         .await
         .unwrap();
 
-    // Members in join order take partitions round-robin: a gets 0 and 2, b 1 and 3.
+    // a takes every partition; b, joining, takes the upper half from it.
     let mut a = broker.subscribe(&orders, &billing).await.unwrap();
     let mut b = broker.subscribe(&orders, &billing).await.unwrap();
     let of_a = take(&mut a, 4).await;
     let of_b = take(&mut b, 4).await;
     let partitions =
         |messages: &[Message]| -> BTreeSet<u32> { messages.iter().map(|m| m.partition).collect() };
-    assert_eq!(partitions(&of_a), BTreeSet::from([0, 2]));
-    assert_eq!(partitions(&of_b), BTreeSet::from([1, 3]));
+    assert_eq!(partitions(&of_a), BTreeSet::from([0, 1]));
+    assert_eq!(partitions(&of_b), BTreeSet::from([2, 3]));
     assert!(matches!(b.ack(&of_a[0]).await, Err(Error::NotHeld { .. })));
 
     // a acks the first message of each of its partitions, then closes: b takes them over
@@ -259,11 +264,11 @@ async fn members_split_partitions_and_rebalance_with_redelivery() {
     }
     a.close().await.unwrap();
     let redelivered = take(&mut b, 2).await;
-    assert_eq!(at(&redelivered), BTreeSet::from([(0, 1), (2, 1)]));
+    assert_eq!(at(&redelivered), BTreeSet::from([(0, 1), (1, 1)]));
     assert!(redelivered.iter().all(|m| m.attempt == 2));
 
-    // A third member takes partition 3 from b (members b, c: b keeps 0 and 2, c gets 1 and
-    // 3); b's un-acked message of it is no longer b's to ack, and c gets it again.
+    // A third member takes the upper half from b (b keeps 0 and 1, c gets 2 and 3); b's
+    // un-acked messages of those are no longer b's to ack, and c gets them again.
     let mut c = broker.subscribe(&orders, &billing).await.unwrap();
     let b_3: Vec<&Message> = of_b.iter().filter(|m| m.partition == 3).collect();
     assert!(matches!(
@@ -272,7 +277,7 @@ async fn members_split_partitions_and_rebalance_with_redelivery() {
     ));
     assert!(matches!(b.nack(b_3[0]).await, Err(Error::NotHeld { .. })));
     let of_c = take(&mut c, 4).await;
-    assert_eq!(at(&of_c), BTreeSet::from([(1, 0), (1, 1), (3, 0), (3, 1)]));
+    assert_eq!(at(&of_c), BTreeSet::from([(2, 0), (2, 1), (3, 0), (3, 1)]));
     assert!(of_c.iter().all(|m| m.attempt == 2));
     for message in &redelivered {
         b.ack(message).await.unwrap();
@@ -427,5 +432,233 @@ async fn shutdown_ends_recv_and_refuses_new_members() {
         broker.subscribe(&orders, &group("billing")).await,
         Err(Error::Closed)
     ));
+    log.close().await.unwrap();
+}
+
+/// Members of a group shutting down one after the other: a leave moves only the leaver's
+/// partitions, so the others can still ack what they received, and after a restart no
+/// acked message comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_shutting_down_together_keep_their_acks() {
+    const PARTITIONS: u32 = 8;
+    const ROUNDS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let orders = topic("orders");
+    let billing = group("billing");
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    broker.create_topic(&orders, PARTITIONS).await.unwrap();
+    let mut members = Vec::new();
+    for _ in 0..4 {
+        members.push(broker.subscribe(&orders, &billing).await.unwrap());
+    }
+    broker
+        .publish(&orders, events_per_partition(PARTITIONS, ROUNDS))
+        .await
+        .unwrap();
+    // Eight partitions, four members: two partitions each, so each gets six messages.
+    let mut received = Vec::new();
+    for member in &mut members {
+        let messages = take(member, 2 * ROUNDS).await;
+        let partitions: BTreeSet<u32> = messages.iter().map(|m| m.partition).collect();
+        assert_eq!(partitions.len(), 2, "a balanced share: {partitions:?}");
+        received.push(messages);
+    }
+    // Everyone acks the first message of each of its partitions, then `a` leaves.
+    for (member, messages) in members.iter_mut().zip(&received) {
+        for message in messages.iter().filter(|m| m.offset == 0) {
+            member.ack(message).await.unwrap();
+        }
+    }
+    let mut members = members.into_iter();
+    members.next().unwrap().close().await.unwrap();
+    // The others ack the rest and close one after the other; a leave never takes a
+    // partition from a member that stays, so no ack fails with NotHeld.
+    for (mut member, messages) in members.zip(&received[1..]) {
+        for message in messages.iter().filter(|m| m.offset > 0) {
+            member.ack(message).await.unwrap_or_else(|error| {
+                panic!(
+                    "ack of {}@{} failed: {error}",
+                    message.partition, message.offset
+                )
+            });
+        }
+        member.close().await.unwrap();
+    }
+    broker.shutdown().await;
+    log.close().await.unwrap();
+
+    // After a restart, only a's un-acked messages come again, then the new fences.
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let of_a: BTreeSet<u32> = received[0].iter().map(|m| m.partition).collect();
+    let lag = broker.lag(&orders, &billing).await.unwrap();
+    for partition in &lag {
+        let committed = if of_a.contains(&partition.partition) {
+            1
+        } else {
+            ROUNDS as u64
+        };
+        assert_eq!(
+            *partition,
+            PartitionLag::new(partition.partition, ROUNDS as u64, committed).unwrap()
+        );
+    }
+    let fences = broker
+        .publish(&orders, events_per_partition(PARTITIONS, 1))
+        .await
+        .unwrap();
+    let mut fences_left: BTreeSet<(u32, u64)> =
+        fences.iter().map(|p| (p.partition, p.offset)).collect();
+    let mut consumer = broker.subscribe(&orders, &billing).await.unwrap();
+    let mut again = BTreeSet::new();
+    while !fences_left.is_empty() {
+        let message = next(&mut consumer).await;
+        if !fences_left.remove(&(message.partition, message.offset)) {
+            assert!(
+                again.insert((message.partition, message.offset)),
+                "delivered twice"
+            );
+        }
+    }
+    let unacked_of_a: BTreeSet<(u32, u64)> = received[0]
+        .iter()
+        .filter(|m| m.offset > 0)
+        .map(|m| (m.partition, m.offset))
+        .collect();
+    assert_eq!(
+        again, unacked_of_a,
+        "exactly a's un-acked messages come again"
+    );
+    consumer.close().await.unwrap();
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+/// Lag counts a group's commits only once they are durable: acks whose commit failed do
+/// not count, whether or not the group is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_only_durable_commits() {
+    let sim = SimIo::new();
+    let io: Arc<dyn Io> = Arc::new(sim.clone());
+    let log = Log::open_with_io(Options::new("/sim/data"), io).unwrap();
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    let billing = group("billing");
+    assert!(matches!(
+        broker.lag(&orders, &billing).await,
+        Err(Error::UnknownTopic { topic }) if topic == orders
+    ));
+    broker.create_topic(&orders, 2).await.unwrap();
+    let lags = |committed: [u64; 2]| -> Vec<PartitionLag> {
+        (0..2)
+            .map(|p| PartitionLag::new(p, 3, committed[p as usize]).unwrap())
+            .collect()
+    };
+    broker
+        .publish(&orders, events_per_partition(2, 3))
+        .await
+        .unwrap();
+    assert_eq!(broker.lag(&orders, &billing).await.unwrap(), lags([0, 0]));
+
+    let mut consumer = broker.subscribe(&orders, &billing).await.unwrap();
+    for message in take(&mut consumer, 6).await {
+        if message.offset == 0 {
+            consumer.ack(&message).await.unwrap();
+        }
+    }
+    consumer.close().await.unwrap();
+    assert_eq!(broker.lag(&orders, &billing).await.unwrap(), lags([1, 1]));
+
+    // The next commit cannot be made durable: the acks succeed in memory, close reports
+    // the failed commit, and lag keeps reporting the last durable offsets.
+    let mut consumer = broker.subscribe(&orders, &billing).await.unwrap();
+    let rest = take(&mut consumer, 4).await;
+    sim.fail_sync_in(1);
+    for message in &rest {
+        consumer.ack(message).await.unwrap();
+    }
+    assert!(consumer.close().await.is_err(), "the commit failed");
+    assert_eq!(broker.lag(&orders, &billing).await.unwrap(), lags([1, 1]));
+    broker.shutdown().await;
+    log.close().await.unwrap();
+}
+
+/// Lag reads the committed offsets of a group no member of this broker has joined from its
+/// offsets stream, and creates neither the topic nor the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_of_a_group_not_loaded_reads_its_offsets_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let orders = topic("orders");
+    let billing = group("billing");
+    let consuming = Broker::new(log.clone(), BrokerOptions::default());
+    consuming.create_topic(&orders, 3).await.unwrap();
+    consuming
+        .publish(&orders, events_per_partition(3, 2))
+        .await
+        .unwrap();
+    let mut consumer = consuming.subscribe(&orders, &billing).await.unwrap();
+    for message in take(&mut consumer, 6).await {
+        if message.partition != 1 {
+            consumer.ack(&message).await.unwrap();
+        }
+    }
+    consumer.close().await.unwrap();
+    consuming.shutdown().await;
+
+    // A second broker on the same log (as `herald groups lag` opens one): it has loaded no
+    // group, so it reads `$offsets:billing:orders`.
+    let reading = Broker::new(log.clone(), BrokerOptions::default());
+    let lag = reading.lag(&orders, &billing).await.unwrap();
+    let want: Vec<PartitionLag> = [2, 0, 2]
+        .into_iter()
+        .zip(0..)
+        .map(|(committed, p)| PartitionLag::new(p, 2, committed).unwrap())
+        .collect();
+    assert_eq!(lag, want);
+    assert_eq!(lag.iter().map(|p| p.lag).sum::<u64>(), 2);
+    let audit = reading.lag(&orders, &group("audit")).await.unwrap();
+    assert!(audit.iter().all(|p| p.committed == 0 && p.lag == 2));
+    assert!(matches!(
+        reading.lag(&topic("payments"), &billing).await,
+        Err(Error::UnknownTopic { .. })
+    ));
+    // Nothing was created: no topic stream, no offsets stream for the other group.
+    for stream in ["topics:payments", "offsets:audit:orders"] {
+        let stream = StreamName::system(stream).unwrap();
+        assert_eq!(log.stream_version(&stream).await.unwrap(), None, "{stream}");
+    }
+    reading.shutdown().await;
+    log.close().await.unwrap();
+}
+
+/// A stored committed offset beyond a partition's head can only come from damaged storage:
+/// lag reports it as an error naming the offsets stream, never as a negative lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_refuses_a_committed_offset_beyond_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path()).await;
+    let broker = Broker::new(log.clone(), BrokerOptions::default());
+    let orders = topic("orders");
+    broker.create_topic(&orders, 1).await.unwrap();
+    broker.publish(&orders, vec![event("k", 0)]).await.unwrap();
+    let offsets = StreamName::system("offsets:billing:orders").unwrap();
+    let damaged = Event::new("/herald/broker", "herald.broker.offsets.committed")
+        .with_data(serde_json::json!({ "topic": "orders", "group": "billing", "next": [5] }));
+    log.append(&offsets, herald_core::ExpectedVersion::Any, vec![damaged])
+        .await
+        .unwrap();
+    let error = broker.lag(&orders, &group("billing")).await.unwrap_err();
+    let Error::Backend(source) = &error else {
+        panic!("expected a backend error, got {error:?}");
+    };
+    let text = source.to_string();
+    assert!(text.contains("$offsets:billing:orders"), "{text}");
+    assert!(
+        text.contains("committed offset 5 of partition 0 is beyond its 1 messages"),
+        "{text}"
+    );
+    broker.shutdown().await;
     log.close().await.unwrap();
 }
