@@ -47,13 +47,16 @@
 //!   same log do not know each other's members.
 //! - **Ack and commit.** The committed offset of a partition is the offset after the longest
 //!   prefix of acked messages. [`Consumer::ack`](herald_core::broker::Consumer::ack) returns once the ack is recorded in memory;
-//!   one background task per group appends the committed offsets to `$offsets:<group>:<topic>`
-//!   soon after (acks are coalesced: at most one append in flight, never one per ack), and
+//!   one background task per group appends a snapshot of the committed offsets, with the
+//!   offsets acked beyond them (as ranges), to `$offsets:<group>:<topic>` soon after (acks
+//!   are coalesced: at most one append in flight, never one per ack), and
 //!   [`Consumer::close`](herald_core::broker::Consumer::close) returns only after the offsets acked so far are durable.
 //! - **Redelivery: at least once.** A message not acked when its member closes, drops or
 //!   its process stops is delivered again, to whichever member owns its partition then.
-//!   After a restart the group resumes at its durable committed offsets: acks not yet
-//!   committed, and acks beyond the acked prefix, are lost, and those messages come again.
+//!   After a restart the group resumes at its durable committed offsets and skips the
+//!   durable acks beyond them — so a message acked behind one still held (a parked key)
+//!   does not come again after a clean shutdown; acks not yet made durable are lost, and
+//!   those messages come again.
 //! - **Nack.** [`Consumer::nack`](herald_core::broker::Consumer::nack) rewinds the message's partition for this member to the
 //!   message's offset: it and every later message of the partition not yet acked are
 //!   delivered again, in order.
@@ -650,6 +653,10 @@ struct PartitionState {
     durable: u64,
     /// Acked offsets beyond `committed`.
     acked: BTreeSet<u64>,
+    /// How many times `acked` gained an offset.
+    acked_changes: u64,
+    /// `acked_changes` as of the last snapshot written to the offsets stream.
+    acked_durable_changes: u64,
     /// Deliveries per offset, for the offsets at or beyond `committed`.
     attempts: BTreeMap<u64, u32>,
 }
@@ -695,7 +702,22 @@ struct OffsetsRecord {
     group: String,
     /// The committed offset of each partition, by partition.
     next: Vec<u64>,
+    /// The offsets acked beyond `next`, by partition, as ranges `[start, end)`: acks behind
+    /// a message still held (a parked key, a slow handler) that a restart must not lose.
+    /// Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    acked: Vec<Vec<(u64, u64)>>,
 }
+
+/// What a group has committed in one partition, as read back from its offsets stream.
+struct PartitionCommit {
+    next: u64,
+    acked: BTreeSet<u64>,
+}
+
+/// The most acked offsets beyond the committed ones a snapshot may hold in all: a bound
+/// against a damaged record asking for an absurd amount of memory.
+const ACKED_OFFSETS_MAX: u64 = 1 << 24;
 
 const EVENT_SOURCE: &str = "/herald/broker";
 const TOPIC_EVENT_TYPE: &str = "herald.broker.topic.created";
@@ -798,7 +820,7 @@ impl Inner {
             let state = loaded.state.lock();
             return Ok(state.partitions.iter().map(|p| p.durable).collect());
         }
-        read_committed(
+        let commits = read_committed(
             &self.log,
             offsets,
             topic,
@@ -806,7 +828,8 @@ impl Inner {
             info.streams.len(),
             self.options.offsets_read_batch_len_max.max(1),
         )
-        .await
+        .await?;
+        Ok(commits.into_iter().map(|commit| commit.next).collect())
     }
 
     /// The coordinator of `group` on `topic`, loaded (with its committed offsets) on first
@@ -835,7 +858,7 @@ impl Inner {
         info: &TopicInfo,
     ) -> Result<Arc<Group>, Error> {
         let offsets_stream = offsets_stream(name, topic)?;
-        let committed = read_committed(
+        let commits = read_committed(
             &self.log,
             &offsets_stream,
             topic,
@@ -844,13 +867,15 @@ impl Inner {
             self.options.offsets_read_batch_len_max.max(1),
         )
         .await?;
-        let partitions = committed
+        let partitions = commits
             .into_iter()
-            .map(|committed| PartitionState {
+            .map(|commit| PartitionState {
                 owner: None,
-                committed,
-                durable: committed,
-                acked: BTreeSet::new(),
+                committed: commit.next,
+                durable: commit.next,
+                acked: commit.acked,
+                acked_changes: 0,
+                acked_durable_changes: 0,
                 attempts: BTreeMap::new(),
             })
             .collect();
@@ -943,38 +968,44 @@ impl Group {
         }
         // The broker was shut down; its last commit may already cover everything.
         let state = self.state.lock();
-        if state
-            .partitions
-            .iter()
-            .all(|partition| partition.durable == partition.committed)
-        {
+        if state.partitions.iter().all(|partition| {
+            partition.durable == partition.committed
+                && partition.acked_durable_changes == partition.acked_changes
+        }) {
             Ok(())
         } else {
             Err(Error::Closed)
         }
     }
 
-    /// Appends the committed offsets if they moved since the last append.
+    /// Appends the committed offsets, and the acks beyond them, if they changed since the
+    /// last append.
     async fn commit_once(&self, log: &Log) {
-        let (request, next) = {
+        let (request, snapshot) = {
             let state = self.state.lock();
-            let moved = state
-                .partitions
-                .iter()
-                .any(|partition| partition.committed != partition.durable);
-            let next: Vec<u64> = state
-                .partitions
-                .iter()
-                .map(|partition| partition.committed)
-                .collect();
-            (state.commit_requested, moved.then_some(next))
+            let moved = state.partitions.iter().any(|partition| {
+                partition.committed != partition.durable
+                    || partition.acked_changes != partition.acked_durable_changes
+            });
+            let snapshot = moved.then(|| {
+                let next: Vec<u64> = state.partitions.iter().map(|p| p.committed).collect();
+                let mut acked: Vec<Vec<(u64, u64)>> =
+                    state.partitions.iter().map(|p| ranges(&p.acked)).collect();
+                if acked.iter().all(Vec::is_empty) {
+                    acked.clear();
+                }
+                let changes: Vec<u64> = state.partitions.iter().map(|p| p.acked_changes).collect();
+                (next, acked, changes)
+            });
+            (state.commit_requested, snapshot)
         };
         let mut error = None;
-        if let Some(next) = next {
+        if let Some((next, acked, changes)) = snapshot {
             let record = OffsetsRecord {
                 topic: self.topic.to_string(),
                 group: self.name.to_string(),
                 next,
+                acked,
             };
             let event = Event::new(EVENT_SOURCE, OFFSETS_EVENT_TYPE)
                 .with_data(serde_json::to_value(&record).expect("serialisable"));
@@ -984,8 +1015,12 @@ impl Group {
             {
                 Ok(_) => {
                     let mut state = self.state.lock();
-                    for (partition, next) in state.partitions.iter_mut().zip(record.next) {
+                    for ((partition, next), changes) in
+                        state.partitions.iter_mut().zip(record.next).zip(changes)
+                    {
                         partition.durable = partition.durable.max(next);
+                        partition.acked_durable_changes =
+                            partition.acked_durable_changes.max(changes);
                     }
                 }
                 Err(failure) => {
@@ -1003,19 +1038,20 @@ impl Group {
 
 impl PartitionState {
     /// Records an ack of `offset`; returns whether the committed offset moved.
+    /// Records an ack of `offset`; returns whether there is something new to commit: the
+    /// committed offset moved, or an ack beyond it must be kept too.
     fn ack(&mut self, offset: u64) -> bool {
-        if offset < self.committed {
+        if offset < self.committed || !self.acked.insert(offset) {
             return false;
         }
-        self.acked.insert(offset);
+        self.acked_changes += 1;
         let before = self.committed;
         while self.acked.remove(&self.committed) {
             self.committed += 1;
         }
-        if self.committed == before {
-            return false;
+        if self.committed != before {
+            self.attempts = self.attempts.split_off(&self.committed);
         }
-        self.attempts = self.attempts.split_off(&self.committed);
         true
     }
 }
@@ -1074,7 +1110,7 @@ async fn read_committed(
     group: &GroupName,
     partitions: usize,
     batch_len: usize,
-) -> Result<Vec<u64>, Error> {
+) -> Result<Vec<PartitionCommit>, Error> {
     let mut from = Version::END;
     loop {
         let page = match log
@@ -1101,14 +1137,72 @@ async fn read_committed(
                         ),
                     }));
                 }
-                return Ok(record.next);
+                return partition_commits(record, partitions).map_err(|reason| {
+                    backend(InvalidRecord {
+                        stream: stream.clone(),
+                        reason,
+                    })
+                });
             }
         }
         match page.last() {
             Some(last) if last.version.0 > 0 => from = Version(last.version.0 - 1),
-            _ => return Ok(vec![0; partitions]),
+            _ => {
+                return Ok((0..partitions)
+                    .map(|_| PartitionCommit {
+                        next: 0,
+                        acked: BTreeSet::new(),
+                    })
+                    .collect());
+            }
         }
     }
+}
+
+/// The commits of a snapshot, checked: the acked ranges lie beyond their partition's
+/// committed offset, are not empty, and hold at most [`ACKED_OFFSETS_MAX`] offsets in all.
+fn partition_commits(
+    record: OffsetsRecord,
+    partitions: usize,
+) -> Result<Vec<PartitionCommit>, String> {
+    if !record.acked.is_empty() && record.acked.len() != partitions {
+        return Err(format!(
+            "acked offsets of {} partitions for a topic of {partitions} partitions",
+            record.acked.len()
+        ));
+    }
+    let mut acked_ranges = record.acked.into_iter();
+    let mut total = 0u64;
+    let mut commits = Vec::with_capacity(partitions);
+    for next in record.next {
+        let mut acked = BTreeSet::new();
+        for (start, end) in acked_ranges.next().unwrap_or_default() {
+            if start <= next || start >= end {
+                return Err(format!(
+                    "acked range [{start}, {end}) is empty or not beyond the committed offset {next}"
+                ));
+            }
+            total += end - start;
+            if total > ACKED_OFFSETS_MAX {
+                return Err(format!("more than {ACKED_OFFSETS_MAX} acked offsets"));
+            }
+            acked.extend(start..end);
+        }
+        commits.push(PartitionCommit { next, acked });
+    }
+    Ok(commits)
+}
+
+/// `offsets` as ranges `[start, end)` of consecutive offsets, in order.
+fn ranges(offsets: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &offset in offsets {
+        match ranges.last_mut() {
+            Some((_, end)) if *end == offset => *end += 1,
+            _ => ranges.push((offset, offset + 1)),
+        }
+    }
+    ranges
 }
 
 /// `$topics:<topic>`: the stream holding the topic's partition count.

@@ -9,6 +9,8 @@
 //!   its file and offset, and the log refuses to open past it.
 //! - An in-memory index, checkpointed to disk, answers `read_stream`, expected-version and
 //!   idempotency checks without scanning the log.
+//! - The events appended last stay parsed in memory for a while, so that readers at the
+//!   head (live subscriptions) do not read and parse them back.
 //! - The data directory is locked: a second process gets [`OpenError::Locked`].
 //!
 //! **Architecture invariant:** every byte goes through the [`io::Io`] layer, so tests can
@@ -20,6 +22,7 @@ pub mod broker;
 pub mod io;
 pub mod record;
 
+mod cache;
 mod index;
 mod read;
 mod recover;
@@ -73,6 +76,10 @@ pub struct Options {
     pub append_queue_len_max: usize,
     /// The index is checkpointed after this many events.
     pub index_checkpoint_interval_events: u64,
+    /// About how much memory the events appended last may take while they are kept parsed
+    /// for readers at the head (counted as each event's JSON size plus a fixed overhead);
+    /// 0 keeps none, and every read then reads and parses records.
+    pub read_cache_bytes_max: u64,
 }
 
 impl Options {
@@ -86,6 +93,7 @@ impl Options {
             group_commit_bytes_max: 4 * 1024 * 1024,
             append_queue_len_max: 4096,
             index_checkpoint_interval_events: 262_144,
+            read_cache_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -141,6 +149,8 @@ pub(crate) struct Shared {
     /// Set when a write or sync failed; the log then accepts no more writes.
     pub(crate) failed: Mutex<Option<Arc<std::io::Error>>>,
     pub(crate) io: Arc<dyn Io>,
+    /// The events appended last, parsed.
+    pub(crate) cache: cache::ReadCache,
     lock: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
 }
 
@@ -179,6 +189,7 @@ impl Log {
         let head = index.next_position;
         let (appends, requests) = mpsc::channel(options.append_queue_len_max.max(1));
         let shared = Arc::new(Shared {
+            cache: cache::ReadCache::new(options.read_cache_bytes_max),
             options,
             index: RwLock::new(index),
             head: watch::Sender::new(head),
@@ -246,27 +257,44 @@ impl EventStore for Log {
         // Validation and serialisation happen here, in the caller's task, so the single
         // writer thread only frames, writes and syncs.
         herald_core::store::check_append(&events)?;
-        let mut payloads = Vec::with_capacity(events.len());
-        let mut size = 0u64;
-        for event in &events {
-            let payload = event.to_json();
-            size += (record::HEADER_LEN + stream.as_str().len() + payload.len()) as u64;
-            payloads.push(payload);
-        }
+        let payloads = writer::Payloads::of(&events);
+        let size = payloads
+            .iter()
+            .map(|payload| (record::HEADER_LEN + stream.as_str().len() + payload.len()) as u64)
+            .sum();
         let limit = self.shared.options.append_size_max_bytes;
         if size > limit {
             return Err(Error::AppendTooLarge { size, limit });
         }
-        let ids = events.into_iter().map(|event| event.id).collect();
-        let stream = stream.clone();
-        self.request(|reply| writer::Request::Append {
-            stream,
+        let id_hashes = events
+            .iter()
+            .map(|event| index::id_hash(&event.id))
+            .collect();
+        // The events go to the read cache when it keeps any; otherwise only their ids are
+        // needed.
+        let (ids, events) = if self.shared.cache.is_enabled() {
+            (
+                events.iter().map(|event| event.id.clone()).collect(),
+                events,
+            )
+        } else {
+            (
+                events.into_iter().map(|event| event.id).collect(),
+                Vec::new(),
+            )
+        };
+        let append = writer::Append {
+            stream: stream.clone(),
             expected,
             ids,
+            id_hashes,
             payloads,
-            reply,
-        })
-        .await
+            events,
+        };
+        let placed = self
+            .request(|reply| writer::Request::Append { append, reply })
+            .await?;
+        Ok(placed.into_appended())
     }
 
     async fn read_stream(
@@ -278,7 +306,7 @@ impl EventStore for Log {
     ) -> Result<Vec<RecordedEvent>, Error> {
         let stream = stream.clone();
         self.blocking(move |shared| {
-            read::read_stream(shared, &stream, from, direction, limit, false)
+            read::read_stream(shared, &stream, from, direction, limit, read::Reader::Api)
         })
         .await
     }
@@ -289,8 +317,10 @@ impl EventStore for Log {
         direction: Direction,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, Error> {
-        self.blocking(move |shared| read::read_all(shared, from, direction, limit))
-            .await
+        self.blocking(move |shared| {
+            read::read_all(shared, from, direction, limit, read::Reader::Api)
+        })
+        .await
     }
 
     async fn stream_version(&self, stream: &StreamName) -> Result<Option<Version>, Error> {

@@ -1,9 +1,10 @@
 //! Reads and subscriptions.
 //!
 //! Readers see only events below the published head, i.e. events whose group has been
-//! written and synced. Runs of consecutive positions in one segment are fetched with one
-//! read, then decoded record by record, and every decoded record is checked against the
-//! index (position, kind) before it is returned.
+//! written and synced. Events still in the read cache (the last ones appended) are cloned
+//! from it. The others are read from their records: runs of consecutive positions in one
+//! segment are fetched with one read, then decoded record by record, and every decoded
+//! record is checked against the index (position, kind) before it is returned.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,11 +27,25 @@ const PARALLEL_DECODE_LEN_MIN: usize = 256;
 /// Threads a single read parses events on, at most.
 const DECODE_THREADS_MAX: usize = 4;
 
+/// Who reads, which decides how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// A caller of `read_all` or `read_stream`: a deleted or unknown stream is an error, and
+    /// a large read is parsed on several threads.
+    Api,
+    /// A subscription: a deleted or unknown stream reads as empty, and a page is parsed on
+    /// the calling thread alone. Subscriptions run next to the application's own work, and
+    /// usually several at once, so starting threads for each page would cost more CPU than
+    /// it saves time.
+    Subscription,
+}
+
 pub(crate) fn read_all(
     shared: &Shared,
     from: Position,
     direction: Direction,
     limit: usize,
+    reader: Reader,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let head = *shared.head.borrow();
     let positions: Vec<u64> = match direction {
@@ -43,19 +58,19 @@ pub(crate) fn read_all(
             (0..=start).rev().take(limit).collect()
         }
     };
-    read_positions(shared, &positions)
+    read_positions(shared, &positions, reader)
 }
 
-/// Reads a stream; `for_subscription` reads a deleted or unknown stream as empty instead
-/// of failing.
+/// Reads a stream.
 pub(crate) fn read_stream(
     shared: &Shared,
     stream: &StreamName,
     from: Version,
     direction: Direction,
     limit: usize,
-    for_subscription: bool,
+    reader: Reader,
 ) -> Result<Vec<RecordedEvent>, Error> {
+    let for_subscription = reader == Reader::Subscription;
     let head = *shared.head.borrow();
     let positions: Vec<u64> = {
         let index = shared.index.read();
@@ -92,11 +107,56 @@ pub(crate) fn read_stream(
             .map(|version| state.positions[version as usize])
             .collect()
     };
-    read_positions(shared, &positions)
+    read_positions(shared, &positions, reader)
 }
 
-/// Reads the events at `positions` (all below the head), in the order given.
-fn read_positions(shared: &Shared, positions: &[u64]) -> Result<Vec<RecordedEvent>, Error> {
+/// Whether `stream` has an event visible below `head` at version `from` or later.
+fn stream_has_events(index: &Index, stream: &StreamName, from: u64, head: u64) -> bool {
+    index.streams.get(stream).is_some_and(|state| {
+        let from = from.max(state.visible_from);
+        state
+            .positions
+            .get(usize::try_from(from).unwrap_or(usize::MAX))
+            .is_some_and(|&position| position < head)
+    })
+}
+
+/// Reads the events at `positions` (all below the head), in the order given: those still
+/// in the read cache from there, the others from their records.
+fn read_positions(
+    shared: &Shared,
+    positions: &[u64],
+    reader: Reader,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let cached = shared.cache.lookup(positions);
+    if cached.iter().all(Option::is_none) {
+        return read_records(shared, positions, reader);
+    }
+    let missing: Vec<u64> = positions
+        .iter()
+        .zip(&cached)
+        .filter(|(_, cached)| cached.is_none())
+        .map(|(&position, _)| position)
+        .collect();
+    let mut read = read_records(shared, &missing, reader)?.into_iter();
+    cached
+        .into_iter()
+        .map(|cached| match cached {
+            Some(event) => Ok(RecordedEvent::clone(&event)),
+            None => read.next().ok_or_else(|| Error::Corrupt {
+                detail: "fewer records read than asked for".to_owned(),
+            }),
+        })
+        .collect()
+}
+
+/// Reads and decodes the records of the events at `positions` (all below the head), in the
+/// order given.
+fn read_records(
+    shared: &Shared,
+    positions: &[u64],
+    reader: Reader,
+) -> Result<Vec<RecordedEvent>, Error> {
     // Plan the reads under the lock, perform them without it.
     let mut spans = Vec::new();
     {
@@ -144,7 +204,7 @@ fn read_positions(shared: &Shared, positions: &[u64]) -> Result<Vec<RecordedEven
     }
     let mut events = Vec::with_capacity(positions.len());
     for span in spans {
-        span.read_into(&mut events)?;
+        span.read_into(&mut events, reader)?;
     }
     Ok(events)
 }
@@ -160,7 +220,7 @@ struct Span {
 }
 
 impl Span {
-    fn read_into(self, events: &mut Vec<RecordedEvent>) -> Result<(), Error> {
+    fn read_into(self, events: &mut Vec<RecordedEvent>, reader: Reader) -> Result<(), Error> {
         let mut buf = vec![0; self.len];
         read_exact_at(self.file.as_ref(), &mut buf, self.offset)?;
         // Frame and check the records first (cheap), then parse their payloads, the costly
@@ -181,7 +241,7 @@ impl Span {
             }
             at += len;
         }
-        let threads = if records.len() >= PARALLEL_DECODE_LEN_MIN {
+        let threads = if reader == Reader::Api && records.len() >= PARALLEL_DECODE_LEN_MIN {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(DECODE_THREADS_MAX))
         } else {
             1
@@ -331,16 +391,32 @@ pub(crate) fn subscribe(
                 return Some((Ok(event), state));
             }
             let seen_head = *state.head.borrow_and_update();
+            let next = state.next;
+            // Most wake-ups of a stream subscription are for other streams' events: the
+            // index tells at once, without a trip to the blocking pool.
+            let readable = match &state.stream {
+                None => next < seen_head,
+                Some(stream) => {
+                    stream_has_events(&state.shared.index.read(), stream, next, seen_head)
+                }
+            };
+            if !readable {
+                // Caught up: wait until the writer publishes more. The head was read
+                // before the index, so an append published since wakes us at once.
+                if state.head.changed().await.is_err() {
+                    return None;
+                }
+                continue;
+            }
             let shared = state.shared.clone();
             let stream = state.stream.clone();
-            let next = state.next;
             let page = tokio::task::spawn_blocking(move || match &stream {
-                None if next >= seen_head => Ok(Vec::new()),
                 None => read_all(
                     &shared,
                     Position(next),
                     Direction::Forward,
                     SUBSCRIPTION_PAGE_LEN,
+                    Reader::Subscription,
                 ),
                 Some(stream) => read_stream(
                     &shared,
@@ -348,7 +424,7 @@ pub(crate) fn subscribe(
                     Version(next),
                     Direction::Forward,
                     SUBSCRIPTION_PAGE_LEN,
-                    true,
+                    Reader::Subscription,
                 ),
             })
             .await

@@ -14,23 +14,20 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use herald_core::store::{AppendedEvent, Error};
-use herald_core::{Appended, ExpectedVersion, StreamName, Version};
+use herald_core::{Appended, Event, ExpectedVersion, RecordedEvent, StreamName, Version};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::index::{Index, Loc, Segment, checkpoint, id_hash};
+use crate::index::{Index, Loc, Segment, checkpoint};
 use crate::record::{Kind, Record};
-use crate::{Durability, Shared, read};
+use crate::{Durability, Shared, cache, read};
 
 /// What callers ask of the writer.
 pub(crate) enum Request {
     Append {
-        stream: StreamName,
-        expected: ExpectedVersion,
-        ids: Vec<String>,
-        /// Each event in JSON structured format, already validated.
-        payloads: Vec<Vec<u8>>,
-        reply: oneshot::Sender<Result<Appended, Error>>,
+        append: Append,
+        reply: oneshot::Sender<Result<Placed, Error>>,
     },
     Delete {
         stream: StreamName,
@@ -40,6 +37,94 @@ pub(crate) enum Request {
     Close {
         reply: oneshot::Sender<()>,
     },
+}
+
+/// An append, validated and serialised by the caller, so that the single writer thread only
+/// checks, frames, writes and syncs.
+pub(crate) struct Append {
+    pub(crate) stream: StreamName,
+    pub(crate) expected: ExpectedVersion,
+    pub(crate) ids: Vec<String>,
+    /// The [`id_hash`](crate::index::id_hash) of each id.
+    pub(crate) id_hashes: Vec<u64>,
+    /// The events in JSON structured format.
+    pub(crate) payloads: Payloads,
+    /// The events themselves, for the read cache; empty when it keeps nothing.
+    pub(crate) events: Vec<Event>,
+}
+
+/// Where an append went; the caller turns it into an [`Appended`], so that the writer does
+/// not build results.
+pub(crate) enum Placed {
+    /// Stored at consecutive versions and positions from these.
+    New {
+        ids: Vec<String>,
+        first_version: u64,
+        first_position: u64,
+    },
+    /// An idempotent retry, answered with what the first append stored.
+    Retry(Appended),
+}
+
+impl Placed {
+    pub(crate) fn into_appended(self) -> Appended {
+        match self {
+            Placed::New {
+                ids,
+                first_version,
+                first_position,
+            } => Appended {
+                events: ids
+                    .into_iter()
+                    .zip(0u64..)
+                    .map(|(id, i)| AppendedEvent {
+                        id,
+                        version: Version(first_version + i),
+                        position: herald_core::Position(first_position + i),
+                    })
+                    .collect(),
+            },
+            Placed::Retry(appended) => appended,
+        }
+    }
+}
+
+/// The JSON documents of one append, back to back in one buffer: one allocation per append
+/// rather than one (and its regrowths) per event.
+pub(crate) struct Payloads {
+    bytes: Vec<u8>,
+    /// Where each document ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Payloads {
+    /// The documents of `events`, each exactly as [`Event::to_json`] writes it.
+    pub(crate) fn of(events: &[Event]) -> Payloads {
+        let mut payloads = Payloads {
+            bytes: Vec::new(),
+            ends: Vec::with_capacity(events.len()),
+        };
+        for event in events {
+            serde_json::to_writer(&mut payloads.bytes, event)
+                .expect("an event always serialises to JSON");
+            if payloads.ends.is_empty() {
+                // Events of one append tend to be alike: size the buffer on the first.
+                payloads
+                    .bytes
+                    .reserve(payloads.bytes.len() * (events.len() - 1));
+            }
+            payloads.ends.push(payloads.bytes.len());
+        }
+        payloads
+    }
+
+    /// The documents, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.bytes[start..end])
+    }
 }
 
 pub(crate) fn spawn(shared: Arc<Shared>, requests: mpsc::Receiver<Request>) -> std::io::Result<()> {
@@ -63,10 +148,12 @@ struct Group {
     chunks: Vec<(usize, u64, Vec<u8>)>,
     bytes: u64,
     replies: Vec<Reply>,
+    /// The group's events for the read cache, in position order.
+    cached: Vec<cache::Entry>,
 }
 
 enum Reply {
-    Append(oneshot::Sender<Result<Appended, Error>>, Appended),
+    Append(oneshot::Sender<Result<Placed, Error>>, Placed),
     Delete(oneshot::Sender<Result<(), Error>>),
 }
 
@@ -120,22 +207,43 @@ impl Writer {
             return None;
         }
         match request {
-            Request::Append {
-                stream,
-                expected,
-                ids,
-                payloads,
-                reply,
-            } => {
-                // Checking a retry reads stored records; commit first if one may be pending.
-                if self.may_repeat_pending(&ids) {
-                    self.commit(std::mem::take(group));
-                }
-                match self.frame_append(&stream, expected, &ids, &payloads, group) {
-                    Ok(appended) => group.replies.push(Reply::Append(reply, appended)),
+            Request::Append { append, reply } => {
+                match self.frame_append(&append, group) {
+                    Ok(framed) => {
+                        let Append {
+                            stream,
+                            ids,
+                            payloads,
+                            events,
+                            ..
+                        } = append;
+                        let recorded_at =
+                            DateTime::<Utc>::from_timestamp_micros(framed.recorded_at_us)
+                                .unwrap_or_default();
+                        for ((event, json), i) in
+                            events.into_iter().zip(payloads.iter()).zip(0u64..)
+                        {
+                            group.cached.push(cache::Entry {
+                                event: RecordedEvent {
+                                    stream: stream.clone(),
+                                    version: Version(framed.first_version + i),
+                                    position: herald_core::Position(framed.first_position + i),
+                                    recorded_at,
+                                    event,
+                                },
+                                json_bytes: json.len() as u64,
+                            });
+                        }
+                        let placed = Placed::New {
+                            ids,
+                            first_version: framed.first_version,
+                            first_position: framed.first_position,
+                        };
+                        group.replies.push(Reply::Append(reply, placed));
+                    }
                     // An idempotent retry: answered at once with what the first append stored.
                     Err(FrameError::Retry(appended)) => {
-                        let _ = reply.send(Ok(appended));
+                        let _ = reply.send(Ok(Placed::Retry(appended)));
                     }
                     Err(FrameError::Rejected(error)) => {
                         let _ = reply.send(Err(error));
@@ -157,14 +265,29 @@ impl Writer {
         None
     }
 
-    fn frame_append(
-        &mut self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        ids: &[String],
-        payloads: &[Vec<u8>],
-        group: &mut Group,
-    ) -> Result<Appended, FrameError> {
+    /// Checks an append and frames it into the group.
+    fn frame_append(&mut self, append: &Append, group: &mut Group) -> Result<Framed, FrameError> {
+        let Append {
+            stream,
+            expected,
+            ids,
+            id_hashes,
+            payloads,
+            ..
+        } = append;
+        let expected = *expected;
+        // An append whose ids are all new — the usual case — cannot be a retry: one lookup
+        // per id tells, and the costlier checks below are skipped.
+        let seen = {
+            let index = self.shared.index.read();
+            id_hashes
+                .iter()
+                .any(|&hash| !index.ids.candidates(hash).is_empty())
+        };
+        // Checking a retry reads stored records; commit first if one may be pending.
+        if seen && self.may_repeat_pending(id_hashes) {
+            self.commit(std::mem::take(group));
+        }
         // Pending (unsynced) events of this group count: they commit or fail together.
         let pending_head = u64::MAX;
         let (current, next_version) = {
@@ -173,7 +296,7 @@ impl Writer {
             let current = state
                 .and_then(|state| state.last_version(pending_head))
                 .map(Version);
-            if let Some(retry) = self.retry_of(&index, stream, expected, ids)? {
+            if seen && let Some(retry) = self.retry_of(&index, stream, expected, ids, id_hashes)? {
                 return Err(FrameError::Retry(retry));
             }
             (
@@ -196,56 +319,54 @@ impl Writer {
             .sum();
         let (segment, mut offset) = self.room_for(size, group).map_err(FrameError::Rejected)?;
         let recorded_at_us = chrono::Utc::now().timestamp_micros();
-        let mut bytes = Vec::with_capacity(size as usize);
-        let mut appended = Appended {
-            events: Vec::with_capacity(ids.len()),
-        };
+        // Framed straight into the group's buffer: no copy of the records per append.
+        let bytes = group.buffer_at(segment, offset, size);
         let mut index = self.shared.index.write();
-        for (i, (id, payload)) in ids.iter().zip(payloads).enumerate() {
+        let first_position = index.next_position;
+        for (i, (&id_hash, payload)) in id_hashes.iter().zip(payloads.iter()).enumerate() {
             let version = next_version + i as u64;
-            let position = index.next_position;
             let start = bytes.len();
             Record {
                 kind: Kind::Event,
                 batch_left: (ids.len() - 1 - i) as u32,
-                position,
+                position: index.next_position,
                 version,
                 recorded_at_us,
                 stream: stream.as_str(),
                 payload,
             }
-            .encode_into(&mut bytes);
+            .encode_into(bytes);
             let len = (bytes.len() - start) as u32;
             index.insert_event(
                 stream,
                 version,
-                id_hash(id),
+                id_hash,
                 Loc {
                     offset: offset as u32,
                     len,
                 },
             );
             offset += u64::from(len);
-            appended.events.push(AppendedEvent {
-                id: id.clone(),
-                version: Version(version),
-                position: herald_core::Position(position),
-            });
         }
         drop(index);
-        group.add(segment, offset - size, bytes);
+        group.bytes += size;
         self.events_since_checkpoint += ids.len() as u64;
-        Ok(appended)
+        Ok(Framed {
+            first_version: next_version,
+            first_position,
+            recorded_at_us,
+        })
     }
 
     /// Whether an id may already be stored by an event of the group not yet written.
-    fn may_repeat_pending(&self, ids: &[String]) -> bool {
+    fn may_repeat_pending(&self, id_hashes: &[u64]) -> bool {
         let head = *self.shared.head.borrow();
         let index = self.shared.index.read();
         index.next_position > head
-            && ids.iter().any(|id| {
+            && id_hashes.iter().any(|&hash| {
                 index
-                    .id_candidates(id)
+                    .ids
+                    .candidates(hash)
                     .iter()
                     .any(|&position| position >= head)
             })
@@ -260,12 +381,18 @@ impl Writer {
         stream: &StreamName,
         expected: ExpectedVersion,
         ids: &[String],
+        id_hashes: &[u64],
     ) -> Result<Option<Appended>, FrameError> {
         let mut found = Vec::with_capacity(ids.len());
-        for id in ids {
-            let stored = index.id_candidates(id).iter().copied().find(|&position| {
-                read::event_id_at(index, position).as_deref() == Some(id.as_str())
-            });
+        for (id, &hash) in ids.iter().zip(id_hashes) {
+            let stored = index
+                .ids
+                .candidates(hash)
+                .iter()
+                .copied()
+                .find(|&position| {
+                    read::event_id_at(index, position).as_deref() == Some(id.as_str())
+                });
             found.push(stored);
         }
         let Some(first_stored) = found.iter().position(Option::is_some) else {
@@ -452,6 +579,8 @@ impl Writer {
             }
             return;
         }
+        // Cached before the head moves, so that the readers it wakes find them there.
+        self.shared.cache.extend(group.cached);
         let head = self.shared.index.read().next_position;
         self.shared.head.send_replace(head);
         for reply in group.replies {
@@ -527,12 +656,16 @@ impl Writer {
                 return;
             }
         }
-        // Encoded here, between groups, so it covers exactly the synced events; written on
-        // another thread so appends do not wait for it.
-        let bytes = checkpoint::encode(&self.shared.index.read());
+        // Cut here, between groups, so it covers exactly the synced events; encoded and
+        // written on another thread so appends do not wait for it.
+        let cut = checkpoint::Cut::of(&self.shared.index.read());
         self.events_since_checkpoint = 0;
         let shared = self.shared.clone();
         let write = move || {
+            let Some(bytes) = checkpoint::encode(&cut, &shared.index) else {
+                tracing::error!("the index does not hold one id per event: checkpoint skipped");
+                return;
+            };
             if let Err(error) =
                 write_checkpoint(shared.io.as_ref(), &shared.options.data_dir, &bytes)
             {
@@ -556,14 +689,32 @@ impl Writer {
 
 impl Group {
     fn add(&mut self, segment: usize, offset: u64, bytes: Vec<u8>) {
+        self.buffer_at(segment, offset, bytes.len() as u64)
+            .extend_from_slice(&bytes);
         self.bytes += bytes.len() as u64;
-        match self.chunks.last_mut() {
-            Some((last, end, chunk)) if *last == segment && *end + chunk.len() as u64 == offset => {
-                chunk.extend_from_slice(&bytes)
-            }
-            _ => self.chunks.push((segment, offset, bytes)),
-        }
     }
+
+    /// The buffer whose next byte goes to `offset` in `segment`, with room for `size`
+    /// more: the last chunk when the bytes continue it, else a new one.
+    fn buffer_at(&mut self, segment: usize, offset: u64, size: u64) -> &mut Vec<u8> {
+        let continues = matches!(
+            self.chunks.last(),
+            Some((last, start, chunk)) if *last == segment && *start + chunk.len() as u64 == offset
+        );
+        if !continues {
+            self.chunks.push((segment, offset, Vec::new()));
+        }
+        let (_, _, chunk) = self.chunks.last_mut().expect("a chunk was just ensured");
+        chunk.reserve(size as usize);
+        chunk
+    }
+}
+
+/// Where [`Writer::frame_append`] put an append.
+struct Framed {
+    first_version: u64,
+    first_position: u64,
+    recorded_at_us: i64,
 }
 
 enum FrameError {
@@ -607,5 +758,25 @@ fn clone_error(error: &Error) -> Error {
     match error {
         Error::Failed(source) => Error::Failed(source.clone()),
         _ => Error::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_the_events_json() {
+        let events: Vec<Event> = (0..5)
+            .map(|n| {
+                Event::new("/test", "Tested")
+                    .with_subject(format!("subject-{n}"))
+                    .with_data(serde_json::json!({ "n": n, "text": "é\"\n".repeat(n) }))
+            })
+            .collect();
+        let payloads = Payloads::of(&events);
+        let expected: Vec<Vec<u8>> = events.iter().map(Event::to_json).collect();
+        let actual: Vec<Vec<u8>> = payloads.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(actual, expected);
     }
 }

@@ -64,7 +64,9 @@ async fn on_order_placed(
     ctx: HandlerContext,
 ) -> Result<(), HandlerError> {
     if order.total_cents == 0 {
-        return Err(HandlerError::permanent("an order of 0 cents cannot be charged"));
+        return Err(HandlerError::permanent(
+            "an order of 0 cents cannot be charged",
+        ));
     }
     let charge_id = gateway.charge(&order).await?;
     // Published after the handler returns; `causationid` and `correlationid` are set.
@@ -81,7 +83,11 @@ async fn on_order_placed(
 }
 
 /// Runs the billing service on `log` until `shutdown` is cancelled, then closes the log.
-pub(crate) async fn run(log: Log, demo: bool, shutdown: CancellationToken) -> anyhow::Result<Report> {
+pub(crate) async fn run(
+    log: Log,
+    demo: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Report> {
     let broker = Broker::new(log.clone(), BrokerOptions::default());
     let orders = TopicName::new("orders")?;
     if demo {
@@ -128,8 +134,7 @@ pub(crate) async fn run(log: Log, demo: bool, shutdown: CancellationToken) -> an
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let mut args = std::env::args().skip(1);

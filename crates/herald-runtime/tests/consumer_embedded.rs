@@ -209,10 +209,7 @@ async fn a_whole_group_shutting_down_at_once_handles_nothing_twice_after_a_resta
     let members: Vec<Member> = (0..4)
         .map(|_| Member::start(&node, &seen, ConsumerOptions::default()))
         .collect();
-    let all: Vec<String> = keys
-        .iter()
-        .flat_map(|key| names(key, 0..10))
-        .collect();
+    let all: Vec<String> = keys.iter().flat_map(|key| names(key, 0..10)).collect();
     let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
     seen.wait_handled(&all_refs).await;
 
@@ -244,8 +241,7 @@ async fn a_whole_group_shutting_down_at_once_handles_nothing_twice_after_a_resta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_requested_through_the_store_runs_on_the_running_member_and_counts_as_replayed()
-{
+async fn a_replay_requested_through_the_store_runs_on_the_running_member_and_counts_as_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::open(dir.path());
     node.broker
@@ -259,7 +255,8 @@ async fn a_replay_requested_through_the_store_runs_on_the_running_member_and_cou
     };
     let member = Member::start(&node, &seen, options);
     seen.wait_handled(&["ok-0"]).await;
-    node.wait_dead_letter_event(STORED_EVENT_TYPE, "bad-0").await;
+    node.wait_dead_letter_event(STORED_EVENT_TYPE, "bad-0")
+        .await;
 
     // Another handle on the same log asks for the replay, as an operator's request does.
     seen.fixed.store(true, Ordering::SeqCst);
@@ -333,7 +330,11 @@ async fn a_parked_key_stays_parked_across_a_restart_until_its_requested_replay_s
         .unwrap();
     seen.wait_handled(&["k-0", "k-1", "k-2"]).await;
     let report = member.stop().await;
-    assert_eq!(seen.of("k"), names("k", 0..3), "the replay, then the held steps in order");
+    assert_eq!(
+        seen.of("k"),
+        names("k", 0..3),
+        "the replay, then the held steps in order"
+    );
     assert_eq!(
         seen.of("other"),
         names("other", [1]),
