@@ -13,6 +13,7 @@ mod bench;
 mod debug;
 mod dlq;
 mod events;
+mod groups;
 mod store;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// List, show, discard and request replays of a consumer group's dead letters.
     #[command(subcommand)]
     Dlq(dlq::Command),
+    /// Show how far consumer groups are behind.
+    #[command(subcommand)]
+    Groups(groups::Command),
     /// Tools that test Herald itself.
     #[command(subcommand, hide = true)]
     Debug(debug::Command),
@@ -75,7 +79,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", render(&error));
-            if let Some(hint) = store::hint(&error) {
+            if let Some(hint) = store::hint(&error).or_else(|| groups::hint(&error)) {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE
@@ -93,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command, data_dir.as_deref()).await,
         Command::Debug(command) => debug::run(command, &resolved()).await,
         Command::Dlq(command) => dlq::run(command, &resolved()).await,
+        Command::Groups(command) => groups::run(command, &resolved()).await,
     }
 }
 

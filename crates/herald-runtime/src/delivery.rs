@@ -53,6 +53,14 @@ pub enum Outcome {
         /// The events to publish.
         published: Vec<Event>,
     },
+    /// The consumer group handled this event before (the
+    /// [idempotency layer](crate::idempotency) found its record), so the handler did not
+    /// run; these are the events it published then, to be published again. They carry the
+    /// ids they were first published with, so publishing them again is an exact retry.
+    Duplicate {
+        /// The events to publish.
+        published: Vec<Event>,
+    },
     /// No handler is registered for the event's type and the policy is
     /// [`UnknownType::Skip`](crate::UnknownType::Skip).
     Skipped,
@@ -68,6 +76,7 @@ impl Outcome {
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Handled { .. } => "handled",
+            Outcome::Duplicate { .. } => "duplicate",
             Outcome::Skipped => "skipped",
             Outcome::DeadLettered(_) => "dead_lettered",
             Outcome::Abandoned => "abandoned",

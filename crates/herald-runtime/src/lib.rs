@@ -2,8 +2,8 @@
 //!
 //! A [`Router`] maps an event type to a typed handler, an `async fn(T, HandlerContext) ->
 //! Result<(), HandlerError>` whose `T` is deserialised from the event's `data`. Around it,
-//! [tower] layers add what every consumer needs: a tracing span, metrics, dead-lettering,
-//! retries and a timeout. The whole stack is a [`tower::Service`] from a [`Delivery`] (a
+//! [tower] layers add what every consumer needs: a tracing span, metrics, deduplication,
+//! dead-lettering, retries and a timeout. The whole stack is a [`tower::Service`] from a [`Delivery`] (a
 //! broker [`Message`](herald_core::broker::Message) for a consumer group, with a shutdown
 //! token) to an [`Outcome`], and knows nothing of any broker: the caller fetches, calls the
 //! pipeline, publishes what the handler published, stores a dead letter, and acks — or,
@@ -23,36 +23,48 @@
 //!
 //! # The default stack
 //!
-//! [`PipelineOptions::build`] stacks the layers in this order, outermost first:
+//! [`PipelineOptions::build_idempotent`] stacks the layers in this order, outermost first
+//! ([`PipelineOptions::build`] makes the same stack with the idempotency layer passing
+//! every delivery through):
 //!
 //! ```text
-//!  Delivery ─►┌──────────────────────────────────────────────────────┐
-//!             │ TraceLayer      one span per delivery                │
-//!             │ ┌──────────────────────────────────────────────────┐ │
-//!             │ │ MetricsLayer    one count per delivery, final    │ │
-//!             │ │ ┌──────────────────────────────────────────────┐ │ │
-//!             │ │ │ DeadLetterLayer  failure ─► Outcome          │ │ │
-//!             │ │ │ ┌──────────────────────────────────────────┐ │ │ │
-//!             │ │ │ │ RetryLayer   transient ─► backoff, again │ │ │ │
-//!             │ │ │ │ ┌──────────────────────────────────────┐ │ │ │ │
-//!             │ │ │ │ │ TimeoutLayer  per attempt            │ │ │ │ │
-//!             │ │ │ │ │ ┌──────────────────────────────────┐ │ │ │ │ │
-//!             │ │ │ │ │ │ Router ─► handler(T, ctx)        │ │ │ │ │ │
-//!             │ │ │ │ │ └──────────────────────────────────┘ │ │ │ │ │
-//!             │ │ │ │ └──────────────────────────────────────┘ │ │ │ │
-//!             │ │ │ └──────────────────────────────────────────┘ │ │ │
-//!             │ │ └──────────────────────────────────────────────┘ │ │
-//!             │ └──────────────────────────────────────────────────┘ │
-//!  Outcome ◄──└──────────────────────────────────────────────────────┘
+//!  Delivery ─►┌──────────────────────────────────────────────────────────┐
+//!             │ TraceLayer      one span per delivery                    │
+//!             │ ┌──────────────────────────────────────────────────────┐ │
+//!             │ │ MetricsLayer    one count per delivery, final        │ │
+//!             │ │ ┌──────────────────────────────────────────────────┐ │ │
+//!             │ │ │ IdempotencyLayer  seen ─► Duplicate; record      │ │ │
+//!             │ │ │ ┌──────────────────────────────────────────────┐ │ │ │
+//!             │ │ │ │ DeadLetterLayer  failure ─► Outcome          │ │ │ │
+//!             │ │ │ │ ┌──────────────────────────────────────────┐ │ │ │ │
+//!             │ │ │ │ │ RetryLayer   transient ─► backoff, again │ │ │ │ │
+//!             │ │ │ │ │ ┌──────────────────────────────────────┐ │ │ │ │ │
+//!             │ │ │ │ │ │ TimeoutLayer  per attempt            │ │ │ │ │ │
+//!             │ │ │ │ │ │ ┌──────────────────────────────────┐ │ │ │ │ │ │
+//!             │ │ │ │ │ │ │ Router ─► handler(T, ctx)        │ │ │ │ │ │ │
+//!             │ │ │ │ │ │ └──────────────────────────────────┘ │ │ │ │ │ │
+//!             │ │ │ │ │ └──────────────────────────────────────┘ │ │ │ │ │
+//!             │ │ │ │ └──────────────────────────────────────────┘ │ │ │ │
+//!             │ │ │ └──────────────────────────────────────────────┘ │ │ │
+//!             │ │ └──────────────────────────────────────────────────┘ │ │
+//!             │ └──────────────────────────────────────────────────────┘ │
+//!  Outcome ◄──└──────────────────────────────────────────────────────────┘
 //! ```
 //!
 //! Why this order:
 //!
 //! - **Trace** is outermost so that everything the other layers log — each retry, the
-//!   dead-letter warning — is inside the delivery's span, with its ids.
-//! - **Metrics** sits outside dead-letter and retry so that it counts each delivery once,
-//!   by its final outcome (`handled`, `skipped`, `dead_lettered`, `abandoned`), not once per
-//!   attempt, and times the whole delivery, backoff included.
+//!   dead-letter warning, a failed idempotency lookup — is inside the delivery's span,
+//!   with its ids.
+//! - **Metrics** sits outside idempotency, dead-letter and retry so that it counts each
+//!   delivery once, by its final outcome (`handled`, `duplicate`, `skipped`,
+//!   `dead_lettered`, `abandoned`), not once per attempt, and times the whole delivery,
+//!   store lookups and backoff included.
+//! - **Idempotency** sits outside dead-letter and retry so that a duplicate costs one
+//!   lookup and never reaches the handler, and so that it sees only the final outcome: it
+//!   records a success once, after any retries, and never records a failure (a replayed
+//!   dead letter must run again). Its own store failures answer `abandoned` (delivered
+//!   again later), not a dead letter: a store outage must not dead-letter good events.
 //! - **Dead-letter** sits outside retry so that it sees only what retrying could not fix: a
 //!   permanent error, retries exhausted, or an attempt abandoned at shutdown.
 //! - **Retry** sits outside the timeout so that each attempt gets the full timeout and a
@@ -76,6 +88,8 @@ mod dead_letter;
 pub mod dead_letter_store;
 mod delivery;
 mod error;
+pub mod idempotency;
+pub mod lag;
 mod meter;
 mod retry;
 mod router;
@@ -94,6 +108,11 @@ pub use dead_letter::{DeadLetterLayer, DeadLetterService};
 pub use dead_letter_store::{DeadLetterStore, EventStoreDeadLetters, InMemoryDeadLetterStore};
 pub use delivery::{DeadLetter, Delivery, Failure, IntoFailure, Outcome};
 pub use error::{BoxError, ErrorKind, HandlerError, RouteError, TimedOut};
+pub use idempotency::{
+    EventStoreIdempotency, Idempotency, IdempotencyLayer, IdempotencyStore,
+    InMemoryIdempotencyStore,
+};
+pub use lag::{CONSUMER_LAG, LagOptions, record_lag};
 pub use meter::{EVENTS_HANDLED_TOTAL, HANDLER_DURATION_SECONDS, Metrics, MetricsLayer};
 pub use retry::{Retry, RetryLayer, RetryOptions};
 pub use router::{Handler, HandlerContext, Router, UnknownType};
@@ -101,7 +120,7 @@ pub use timeout::{Timeout, TimeoutLayer};
 pub use trace::{SPAN_NAME, Trace, TraceLayer};
 
 /// The default stack (see the [crate documentation](crate#the-default-stack)).
-pub type Pipeline = Trace<Metrics<DeadLetterService<Retry<Timeout<Router>>>>>;
+pub type Pipeline = Trace<Metrics<Idempotency<DeadLetterService<Retry<Timeout<Router>>>>>>;
 
 /// The bounds of the default stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,17 +142,46 @@ impl Default for PipelineOptions {
 }
 
 impl PipelineOptions {
-    /// The default stack around `router`: trace, metrics, dead-letter, retry (delays drawn
-    /// from `rng`), timeout; failure times read from `clock`.
+    /// The default stack around `router` without deduplication: trace, metrics, a disabled
+    /// idempotency layer (it passes every delivery through), dead-letter, retry (delays
+    /// drawn from `rng`), timeout; failure times read from `clock`.
+    ///
+    /// Every redelivery of an event runs its handler again and publishes its events again,
+    /// with new ids unless the handler sets them.
     pub fn build(
         self,
         router: Router,
         rng: impl RngCore + Send + 'static,
         clock: Arc<dyn Clock>,
     ) -> Pipeline {
+        self.stack(router, IdempotencyLayer::disabled(), rng, clock)
+    }
+
+    /// The default stack around `router` with deduplication: like
+    /// [`build`](Self::build), with an idempotency layer recording handled events in
+    /// `store`, so that each event id is handled once per consumer group and the events its
+    /// handler publishes are published once (see [`idempotency`]).
+    pub fn build_idempotent(
+        self,
+        router: Router,
+        store: Arc<dyn IdempotencyStore>,
+        rng: impl RngCore + Send + 'static,
+        clock: Arc<dyn Clock>,
+    ) -> Pipeline {
+        self.stack(router, IdempotencyLayer::new(store), rng, clock)
+    }
+
+    fn stack(
+        self,
+        router: Router,
+        idempotency: IdempotencyLayer,
+        rng: impl RngCore + Send + 'static,
+        clock: Arc<dyn Clock>,
+    ) -> Pipeline {
         ServiceBuilder::new()
             .layer(TraceLayer::new())
             .layer(MetricsLayer::new())
+            .layer(idempotency)
             .layer(DeadLetterLayer::new(Arc::clone(&clock)))
             .layer(RetryLayer::new(self.retry, rng, clock))
             .layer(TimeoutLayer::new(self.timeout_ms))
