@@ -86,6 +86,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -771,14 +772,11 @@ impl Inner {
                     .await
                 {
                     Ok(_) => partitions,
-                    // Someone created it first: theirs counts.
+                    // Someone created it first: theirs counts. The log may report the
+                    // conflict before the winning append is synced and readable, so wait
+                    // for it to appear rather than read once.
                     Err(store::Error::WrongExpectedVersion { .. }) => {
-                        read_topic(&self.log, &stream).await?.ok_or_else(|| {
-                            backend(InvalidRecord {
-                                stream: stream.clone(),
-                                reason: "the topic exists but has no partition count".into(),
-                            })
-                        })?
+                        wait_topic(&self.log, &stream).await?
                     }
                     Err(error) => return Err(backend(error)),
                 }
@@ -1101,6 +1099,30 @@ async fn read_topic(log: &Log, stream: &StreamName) -> Result<Option<u32>, Error
     }
     Ok(Some(record.partitions))
 }
+
+/// The partition count of a topic whose record another append is writing: waits (at most
+/// [`TOPIC_VISIBLE_WAIT_MAX_MS`]) for the record to become readable.
+async fn wait_topic(log: &Log, stream: &StreamName) -> Result<u32, Error> {
+    let missing = || {
+        backend(InvalidRecord {
+            stream: stream.clone(),
+            reason: "the topic exists but has no partition count".into(),
+        })
+    };
+    let mut records = log
+        .subscribe_stream(stream, Version::START)
+        .await
+        .map_err(backend)?;
+    let wait = Duration::from_millis(TOPIC_VISIBLE_WAIT_MAX_MS);
+    match tokio::time::timeout(wait, records.next()).await {
+        Ok(Some(Ok(_))) => read_topic(log, stream).await?.ok_or_else(missing),
+        Ok(Some(Err(error))) => Err(backend(error)),
+        Ok(None) | Err(_) => Err(missing()),
+    }
+}
+
+/// How long [`wait_topic`] waits for a topic record another append is writing.
+const TOPIC_VISIBLE_WAIT_MAX_MS: u64 = 30_000;
 
 /// The group's latest committed offsets: the newest snapshot of its own, read backward.
 async fn read_committed(

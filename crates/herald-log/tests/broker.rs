@@ -714,3 +714,26 @@ async fn acks_behind_an_unacked_message_survive_a_restart() {
     broker.shutdown().await;
     log.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_publishes_to_a_new_topic_all_succeed() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(Options::new(dir.path())).unwrap();
+        let broker = Broker::new(log.clone(), BrokerOptions::default());
+        let topic = TopicName::new(format!("new-{round}")).unwrap();
+        let publishes = (0..8).map(|n| {
+            let broker = broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                let event = Event::new("/test", "T").with_id(format!("e{n}"));
+                broker.publish(&topic, vec![event]).await
+            })
+        });
+        for publish in futures::future::join_all(publishes).await {
+            publish.unwrap().expect("every first publish succeeds");
+        }
+        broker.shutdown().await;
+        log.close().await.unwrap();
+    }
+}
