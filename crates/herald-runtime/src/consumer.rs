@@ -13,7 +13,10 @@
 //!   or failing key only delays its own later messages.
 //! - **Outcomes.** [`Outcome::Handled`]: the handler's events are published to
 //!   [`publish_topic`](ConsumerOptions::publish_topic) (when set), then the message is
-//!   acked. [`Outcome::Skipped`]: acked. [`Outcome::DeadLettered`]: the record is put in
+//!   acked. [`Outcome::Duplicate`] (the idempotency layer saw the event handled before):
+//!   the events recorded for it are published again — an exact retry, which the embedded
+//!   broker stores once — then the message is acked. [`Outcome::Skipped`]: acked.
+//!   [`Outcome::DeadLettered`]: the record is put in
 //!   the [`DeadLetterStore`], then the message is acked, so a poison event never blocks its
 //!   partition. [`Outcome::Abandoned`] (shutdown): not acked, so it is delivered again; the
 //!   key runs nothing more in this member.
@@ -73,9 +76,9 @@ use tower_service::Service;
 use tracing::Instrument as _;
 
 use crate::Pipeline;
-use crate::lag::LagOptions;
 use crate::dead_letter_store::{DeadLetterStore, StoreError, dead_letter_id};
 use crate::delivery::{DeadLetter, Delivery, Outcome};
+use crate::lag::LagOptions;
 
 /// Counter of the dead letters a consumer stored, labelled `group` and `topic`.
 pub const DEAD_LETTERS_TOTAL: &str = "herald_dead_letters_total";
@@ -423,7 +426,13 @@ where
             scheduler.key(&key).parked_by = ids;
         }
         let stopped = scheduler
-            .run(shutdown, receiving.clone(), messages_rx, commands_rx, receiver)
+            .run(
+                shutdown,
+                receiving.clone(),
+                messages_rx,
+                commands_rx,
+                receiver,
+            )
             .await;
         receiving.cancel();
         for task in poller.into_iter().chain(lag) {
