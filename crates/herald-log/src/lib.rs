@@ -8,7 +8,10 @@
 //! - On open, a torn or partial tail is truncated; damage before the tail is reported with
 //!   its file and offset, and the log refuses to open past it.
 //! - An in-memory index, checkpointed to disk, answers `read_stream`, expected-version and
-//!   idempotency checks without scanning the log.
+//!   idempotency checks without scanning the log. A rejected append (wrong expected
+//!   version, duplicate id) is answered together with the group it was checked in, after
+//!   that group's sync: a caller told its append conflicts finds, when it reads next, the
+//!   events it conflicted with.
 //! - The events appended last stay parsed in memory for a while, so that readers at the
 //!   head (live subscriptions) do not read and parse them back.
 //! - The data directory is locked: a second process gets [`OpenError::Locked`].

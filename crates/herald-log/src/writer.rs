@@ -155,6 +155,11 @@ struct Group {
 enum Reply {
     Append(oneshot::Sender<Result<Placed, Error>>, Placed),
     Delete(oneshot::Sender<Result<(), Error>>),
+    /// A rejected append or delete, answered with the group rather than at once: a conflict
+    /// may be with an append of this very group, and a caller told "wrong expected version"
+    /// must find the stream as the conflict saw it when it reads next.
+    RejectedAppend(oneshot::Sender<Result<Placed, Error>>, Error),
+    RejectedDelete(oneshot::Sender<Result<(), Error>>, Error),
 }
 
 impl Writer {
@@ -246,7 +251,7 @@ impl Writer {
                         let _ = reply.send(Ok(Placed::Retry(appended)));
                     }
                     Err(FrameError::Rejected(error)) => {
-                        let _ = reply.send(Err(error));
+                        group.replies.push(Reply::RejectedAppend(reply, error));
                     }
                 }
             }
@@ -256,9 +261,7 @@ impl Writer {
                 reply,
             } => match self.frame_delete(&stream, expected, group) {
                 Ok(()) => group.replies.push(Reply::Delete(reply)),
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                }
+                Err(error) => group.replies.push(Reply::RejectedDelete(reply, error)),
             },
             Request::Close { reply } => return Some(reply),
         }
@@ -562,6 +565,7 @@ impl Writer {
         let failed = self.shared.failed.lock().clone();
         let result = match failed {
             Some(error) => Err(Error::Failed(error)),
+            None if group.chunks.is_empty() => Ok(()),
             None => self
                 .write_and_sync(&group)
                 .map_err(|error| self.fail(error)),
@@ -574,6 +578,13 @@ impl Writer {
                     }
                     Reply::Delete(reply) => {
                         let _ = reply.send(Err(clone_error(&error)));
+                    }
+                    // A rejection holds whatever became of the group.
+                    Reply::RejectedAppend(reply, rejection) => {
+                        let _ = reply.send(Err(rejection));
+                    }
+                    Reply::RejectedDelete(reply, rejection) => {
+                        let _ = reply.send(Err(rejection));
                     }
                 }
             }
@@ -590,6 +601,12 @@ impl Writer {
                 }
                 Reply::Delete(reply) => {
                     let _ = reply.send(Ok(()));
+                }
+                Reply::RejectedAppend(reply, rejection) => {
+                    let _ = reply.send(Err(rejection));
+                }
+                Reply::RejectedDelete(reply, rejection) => {
+                    let _ = reply.send(Err(rejection));
                 }
             }
         }

@@ -62,3 +62,41 @@ async fn a_second_open_of_the_same_directory_is_refused() {
     assert!(matches!(error, OpenError::Locked { .. }), "{error}");
     assert!(error.to_string().contains("locked by another process"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_told_its_append_conflicts_reads_what_it_conflicted_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(herald_log::Options::new(dir.path())).unwrap();
+    for round in 0..50 {
+        let stream = StreamName::new(format!("race-{round}")).unwrap();
+        let appends = (0..4).map(|n| {
+            let log = log.clone();
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                let event = herald_core::Event::new("/test", "T").with_id(format!("{round}-{n}"));
+                match log
+                    .append(&stream, ExpectedVersion::NoStream, vec![event])
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(herald_core::store::Error::WrongExpectedVersion { .. }) => {
+                        let events = log
+                            .read_stream(&stream, Version::START, Direction::Forward, 10)
+                            .await
+                            .expect("the stream it conflicted with is readable");
+                        assert_eq!(events.len(), 1, "the winner's event is there");
+                        false
+                    }
+                    Err(error) => panic!("unexpected error: {error}"),
+                }
+            })
+        });
+        let won = futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .filter(|won| *won.as_ref().unwrap())
+            .count();
+        assert_eq!(won, 1, "exactly one append creates the stream");
+    }
+    log.close().await.unwrap();
+}
