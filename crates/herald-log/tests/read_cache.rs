@@ -19,7 +19,7 @@ fn event(n: usize) -> Event {
         .with_subject(format!("order-{n}"))
         .with_dataschema("https://example.com/order.json")
         .with_extension("attempt", n as i32)
-        .with_extension("urgent", n % 2 == 0)
+        .with_extension("urgent", n.is_multiple_of(2))
         .with_correlation_id("correlation \"quoted\" é")
         .with_partition_key(format!("key-{}", n % 3));
     match n % 3 {
@@ -46,7 +46,7 @@ fn options(dir: &std::path::Path, read_cache_bytes_max: u64) -> Options {
 
 async fn append_all(log: &Log, events: &[Event]) {
     for (n, batch) in events.chunks(7).enumerate() {
-        let stream = StreamName::new(if n % 2 == 0 { "even" } else { "odd" }).unwrap();
+        let stream = StreamName::new(if n.is_multiple_of(2) { "even" } else { "odd" }).unwrap();
         log.append(&stream, ExpectedVersion::Any, batch.to_vec())
             .await
             .unwrap();
