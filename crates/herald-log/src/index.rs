@@ -489,9 +489,9 @@ mod tests {
     fn append(index: &mut Index, count: u64) {
         for _ in 0..count {
             let position = index.next_position;
-            let stream = StreamName::new(if position % 2 == 0 { "even" } else { "odd" }).unwrap();
+            let stream = StreamName::new(if position.is_multiple_of(2) { "even" } else { "odd" }).unwrap();
             let version = index.streams.get(&stream).map_or(0, |s| s.positions.len()) as u64;
-            let hash = if position % 3 == 0 {
+            let hash = if position.is_multiple_of(3) {
                 position / 6
             } else {
                 id_hash(&format!("id-{position}"))
@@ -548,7 +548,7 @@ mod tests {
             assert_eq!(state.deleted, name == &deleted);
         }
         for position in 0..100u64 {
-            let hash = if position % 3 == 0 {
+            let hash = if position.is_multiple_of(3) {
                 position / 6
             } else {
                 id_hash(&format!("id-{position}"))
