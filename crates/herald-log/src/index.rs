@@ -489,7 +489,12 @@ mod tests {
     fn append(index: &mut Index, count: u64) {
         for _ in 0..count {
             let position = index.next_position;
-            let stream = StreamName::new(if position.is_multiple_of(2) { "even" } else { "odd" }).unwrap();
+            let stream = StreamName::new(if position.is_multiple_of(2) {
+                "even"
+            } else {
+                "odd"
+            })
+            .unwrap();
             let version = index.streams.get(&stream).map_or(0, |s| s.positions.len()) as u64;
             let hash = if position.is_multiple_of(3) {
                 position / 6
