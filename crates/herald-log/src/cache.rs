@@ -12,9 +12,17 @@
 //! group is synced and about to be published, and a cached event is equal to what decoding
 //! its record gives, because the record's payload is the event's own JSON and the event
 //! format round-trips.
+//!
+//! Keeping events is not free: they stay allocated instead of being freed at once by the
+//! appending task, and they are freed later, cold, by the writer. So the cache keeps new
+//! events only while some reader reads near the head — within the span of events the
+//! cache can hold — and stops as soon as no read has come that near during one such span:
+//! a log nobody reads live, or whose readers lag far behind (a backlog being worked off),
+//! pays nothing for it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use herald_core::RecordedEvent;
 use parking_lot::Mutex;
@@ -23,9 +31,16 @@ use parking_lot::Mutex;
 /// allocations and the cache's own bookkeeping, roughly.
 const ENTRY_OVERHEAD_BYTES: u64 = 256;
 
+/// Bytes counted per event before any is cached, to tell how many events the cache holds.
+const ENTRY_BYTES_GUESS: u64 = 1024;
+
 /// See the [module documentation](self).
 pub(crate) struct ReadCache {
     bytes_max: u64,
+    /// One more than the head as of the last read near it; 0: no read came near yet.
+    near_read_head: AtomicU64,
+    /// How many events the cache holds when full, from the sizes of those cached so far.
+    span_events: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -49,6 +64,8 @@ impl ReadCache {
     pub(crate) fn new(bytes_max: u64) -> ReadCache {
         ReadCache {
             bytes_max,
+            near_read_head: AtomicU64::new(0),
+            span_events: AtomicU64::new(bytes_max / ENTRY_BYTES_GUESS),
             inner: Mutex::new(Inner {
                 first: 0,
                 entries: VecDeque::new(),
@@ -57,9 +74,20 @@ impl ReadCache {
         }
     }
 
-    /// Whether it keeps anything: when not, the writer need not hand it events.
-    pub(crate) fn is_enabled(&self) -> bool {
+    /// Whether events appended now should be kept, the head being at `head`: only while
+    /// a read came within the cache's span of the head during the last span of appends.
+    pub(crate) fn is_keeping(&self, head: u64) -> bool {
+        let near = self.near_read_head.load(Ordering::Relaxed);
         self.bytes_max > 0
+            && near > 0
+            && head.saturating_sub(near - 1) <= self.span_events.load(Ordering::Relaxed)
+    }
+
+    /// Notes a read of events from position `first` on, the head being at `head`.
+    pub(crate) fn note_read(&self, first: u64, head: u64) {
+        if head.saturating_sub(first) <= self.span_events.load(Ordering::Relaxed) {
+            self.near_read_head.fetch_max(head + 1, Ordering::Relaxed);
+        }
     }
 
     /// Adds events that follow each other, in position order, dropping the oldest past the
@@ -100,8 +128,13 @@ impl ReadCache {
                     .entries
                     .iter()
                     .enumerate()
-                    .all(|(at, (event, _))| { event.position.0 == inner.first + at as u64 })
+                    .all(|(at, (event, _))| event.position.0 == inner.first + at as u64)
             );
+            if inner.bytes > 0 {
+                let entry_bytes = inner.bytes.div_ceil(inner.entries.len() as u64);
+                self.span_events
+                    .store(self.bytes_max / entry_bytes, Ordering::Relaxed);
+            }
         }
         drop(evicted);
     }
@@ -175,8 +208,26 @@ mod tests {
     #[test]
     fn a_zero_bound_keeps_nothing() {
         let cache = ReadCache::new(0);
-        assert!(!cache.is_enabled());
+        cache.note_read(0, 0);
+        assert!(!cache.is_keeping(0));
         cache.extend((0..3).map(entry).collect());
         assert_eq!(cached(&cache, &[0, 1, 2]), [None, None, None]);
+    }
+
+    #[test]
+    fn keeps_events_while_reads_come_near_the_head() {
+        // Entries of the overhead alone: the span is 10 events.
+        let cache = ReadCache::new(10 * ENTRY_OVERHEAD_BYTES);
+        cache.extend(vec![entry(0)]);
+        assert!(!cache.is_keeping(1), "no read yet");
+        cache.note_read(0, 1);
+        assert!(cache.is_keeping(1));
+        assert!(cache.is_keeping(11), "a span of appends after that read");
+        assert!(!cache.is_keeping(12));
+        // A reader far behind does not count; one within the span does.
+        cache.note_read(1, 12);
+        assert!(!cache.is_keeping(12));
+        cache.note_read(2, 12);
+        assert!(cache.is_keeping(12));
     }
 }

@@ -484,23 +484,28 @@ mod tests {
         }
     }
 
-    /// Appends `count` events, alternating between two streams, the ids of every third
-    /// event colliding in pairs (so `IdSlot::Many` is covered).
+    /// The id hash of the event at `position`: those of every third event collide in
+    /// pairs, so that `IdSlot::Many` is covered.
+    fn hash_of(position: u64) -> u64 {
+        if position.is_multiple_of(3) {
+            position / 6
+        } else {
+            id_hash(&format!("id-{position}"))
+        }
+    }
+
+    /// Appends `count` events, alternating between two streams.
     fn append(index: &mut Index, count: u64) {
         for _ in 0..count {
             let position = index.next_position;
-            let stream = StreamName::new(if position.is_multiple_of(2) {
+            let name = if position.is_multiple_of(2) {
                 "even"
             } else {
                 "odd"
-            })
-            .unwrap();
-            let version = index.streams.get(&stream).map_or(0, |s| s.positions.len()) as u64;
-            let hash = if position.is_multiple_of(3) {
-                position / 6
-            } else {
-                id_hash(&format!("id-{position}"))
             };
+            let stream = StreamName::new(name).unwrap();
+            let version = index.streams.get(&stream).map_or(0, |s| s.positions.len()) as u64;
+            let hash = hash_of(position);
             let offset = index.segments.last().unwrap().len as u32;
             index.insert_event(&stream, version, hash, Loc { offset, len: 100 });
         }
@@ -553,11 +558,7 @@ mod tests {
             assert_eq!(state.deleted, name == &deleted);
         }
         for position in 0..100u64 {
-            let hash = if position.is_multiple_of(3) {
-                position / 6
-            } else {
-                id_hash(&format!("id-{position}"))
-            };
+            let hash = hash_of(position);
             let expected: Vec<u64> = index
                 .ids
                 .candidates(hash)

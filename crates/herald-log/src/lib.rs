@@ -81,7 +81,8 @@ pub struct Options {
     pub index_checkpoint_interval_events: u64,
     /// About how much memory the events appended last may take while they are kept parsed
     /// for readers at the head (counted as each event's JSON size plus a fixed overhead);
-    /// 0 keeps none, and every read then reads and parses records.
+    /// 0 keeps none, and every read then reads and parses records. Events are kept only
+    /// while some reader reads that close to the head.
     pub read_cache_bytes_max: u64,
 }
 
@@ -273,9 +274,9 @@ impl EventStore for Log {
             .iter()
             .map(|event| index::id_hash(&event.id))
             .collect();
-        // The events go to the read cache when it keeps any; otherwise only their ids are
+        // The events go to the read cache when it keeps them; otherwise only their ids are
         // needed.
-        let (ids, events) = if self.shared.cache.is_enabled() {
+        let (ids, events) = if self.shared.cache.is_keeping(*self.shared.head.borrow()) {
             (
                 events.iter().map(|event| event.id.clone()).collect(),
                 events,

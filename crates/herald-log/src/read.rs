@@ -128,6 +128,9 @@ fn read_positions(
     positions: &[u64],
     reader: Reader,
 ) -> Result<Vec<RecordedEvent>, Error> {
+    if let Some(&first) = positions.iter().min() {
+        shared.cache.note_read(first, *shared.head.borrow());
+    }
     let cached = shared.cache.lookup(positions);
     if cached.iter().all(Option::is_none) {
         return read_records(shared, positions, reader);

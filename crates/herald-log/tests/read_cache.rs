@@ -44,12 +44,20 @@ fn options(dir: &std::path::Path, read_cache_bytes_max: u64) -> Options {
     }
 }
 
-async fn append_all(log: &Log, events: &[Event]) {
+/// Appends `events` in batches; with `live`, reads each batch back after its append, as a
+/// subscriber keeping up with the log does.
+async fn append_all(log: &Log, events: &[Event], live: bool) {
     for (n, batch) in events.chunks(7).enumerate() {
         let stream = StreamName::new(if n.is_multiple_of(2) { "even" } else { "odd" }).unwrap();
-        log.append(&stream, ExpectedVersion::Any, batch.to_vec())
+        let appended = log
+            .append(&stream, ExpectedVersion::Any, batch.to_vec())
             .await
             .unwrap();
+        if live {
+            let first = appended.events[0].position;
+            let read = log.read_all(first, Direction::Forward, 100).await.unwrap();
+            assert_eq!(read.len(), batch.len());
+        }
     }
 }
 
@@ -60,7 +68,7 @@ async fn cached_events_equal_their_records() {
     // Small enough that a read of everything takes the first events from their records
     // and the last ones from the cache.
     let log = Log::open(options(dir.path(), 16 * 1024)).unwrap();
-    append_all(&log, &events).await;
+    append_all(&log, &events, true).await;
     let all = common::read_everything(&log).await;
     let backward = log
         .read_all(Position(119), Direction::Backward, 200)
@@ -121,7 +129,7 @@ async fn the_events_appended_last_are_read_from_memory() {
 
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(options(dir.path(), 64 * 1024)).unwrap();
-    append_all(&log, &events).await;
+    append_all(&log, &events, true).await;
     destroy_segments(dir.path());
     let read = last(&log).await.unwrap();
     let read: Vec<Event> = read.into_iter().map(|recorded| recorded.event).collect();
@@ -135,10 +143,21 @@ async fn the_events_appended_last_are_read_from_memory() {
 
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(options(dir.path(), 0)).unwrap();
-    append_all(&log, &events).await;
+    append_all(&log, &events, true).await;
     destroy_segments(dir.path());
     assert!(
         last(&log).await.is_err(),
         "without a cache, records are read"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_nobody_reads_live_are_not_kept() {
+    let events: Vec<Event> = (0..120).map(event).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(options(dir.path(), 64 * 1024)).unwrap();
+    append_all(&log, &events, false).await;
+    destroy_segments(dir.path());
+    let last = log.read_all(Position(110), Direction::Forward, 10).await;
+    assert!(last.is_err(), "the records are read, and found damaged");
 }

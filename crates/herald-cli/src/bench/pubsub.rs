@@ -61,6 +61,7 @@ use herald_runtime::{
 };
 use rand::SeedableRng as _;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt as _};
@@ -98,6 +99,18 @@ pub(crate) struct Args {
     /// The size of each event's structured JSON, in bytes.
     #[arg(long, default_value_t = 500, value_name = "BYTES")]
     event_bytes: usize,
+
+    /// Runs only the named scenarios (repeatable), e.g. to profile one; the report then
+    /// lacks the figures derived from the others. A half-rate scenario needs
+    /// `consumers_1_full`, whose rate it halves, or `--full-rate`; `isolated_pipeline` names
+    /// the isolated middleware measurement.
+    #[arg(long = "scenario", value_name = "NAME", hide = true)]
+    scenarios: Vec<String>,
+
+    /// The rate the half-rate scenarios halve, in events per second, instead of the one
+    /// `consumers_1_full` reaches in this run (to rerun them alone at a known rate).
+    #[arg(long, value_name = "EVENTS_PER_SEC", hide = true)]
+    full_rate: Option<f64>,
 }
 
 /// The most events one scenario publishes in a `--duration-secs` run: the size of the
@@ -110,6 +123,27 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the members get to join their group before publishing starts, so that no
 /// rebalance happens mid-run.
 const JOIN_GRACE: Duration = Duration::from_millis(300);
+
+/// The scenarios paced to half of `consumers_1_full`'s rate, and their stacks.
+const HALF_RATE_SCENARIOS: [(&str, Stack); 2] = [
+    ("consumers_1_full_half_rate", Stack::Full),
+    ("consumers_1_bare_half_rate", Stack::Bare),
+];
+
+/// The name of the isolated middleware measurement, for `--scenario`.
+const ISOLATED: &str = "isolated_pipeline";
+
+/// Every name `--scenario` accepts, in the order they run.
+const SCENARIO_NAMES: [&str; 8] = [
+    "consumers_1_full",
+    "consumers_1_bare",
+    "consumers_4_full",
+    "consumers_4_bare",
+    "channel_baseline",
+    "consumers_1_full_half_rate",
+    "consumers_1_bare_half_rate",
+    ISOLATED,
+];
 
 /// The handler stack a broker scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +355,27 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
         maker,
     };
 
+    for name in &args.scenarios {
+        anyhow::ensure!(
+            SCENARIO_NAMES.contains(&name.as_str()),
+            "unknown scenario {name}; the scenarios are {}",
+            SCENARIO_NAMES.join(", ")
+        );
+    }
+    let selected =
+        |name: &str| args.scenarios.is_empty() || args.scenarios.iter().any(|other| other == name);
+    let half_rate_selected = HALF_RATE_SCENARIOS.iter().any(|&(name, _)| selected(name));
+    anyhow::ensure!(
+        !half_rate_selected || selected("consumers_1_full") || args.full_rate.is_some(),
+        "the half-rate scenarios need consumers_1_full, whose rate they halve, or --full-rate"
+    );
+    if let Some(rate) = args.full_rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--full-rate must be a positive number of events per second"
+        );
+    }
+
     let broker = |name, consumers, stack| Scenario::Broker {
         name,
         consumers,
@@ -335,27 +390,39 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
         broker("consumers_4_bare", 4, Stack::Bare),
         Scenario::Channel,
     ] {
+        if !selected(scenario.name()) {
+            continue;
+        }
         let measured = run_scenario(scenario, dir, &settings).await?;
         results.push((scenario, measured));
     }
-    let half_rate = Some(round3(results[0].1.events_per_sec() / 2.0));
-    for (name, stack) in [
-        ("consumers_1_full_half_rate", Stack::Full),
-        ("consumers_1_bare_half_rate", Stack::Bare),
-    ] {
+    let full_rate = args.full_rate.or_else(|| {
+        results
+            .iter()
+            .find(|(scenario, _)| scenario.name() == "consumers_1_full")
+            .map(|(_, measured)| measured.events_per_sec())
+    });
+    for (name, stack) in HALF_RATE_SCENARIOS {
+        if !selected(name) {
+            continue;
+        }
         let scenario = Scenario::Broker {
             name,
             consumers: 1,
             stack,
-            rate: half_rate,
+            rate: full_rate.map(|rate| round3(rate / 2.0)),
         };
         let measured = run_scenario(scenario, dir, &settings).await?;
         results.push((scenario, measured));
     }
 
     let isolated_calls = limit.events_max().clamp(1, 200_000);
-    eprintln!("isolated_pipeline: {isolated_calls} calls of each stack on one task");
-    let isolated = isolated_cpu(isolated_calls, &settings.maker).await?;
+    let isolated = if selected(ISOLATED) {
+        eprintln!("{ISOLATED}: {isolated_calls} calls of each stack on one task");
+        isolated_cpu(isolated_calls, &settings.maker).await?
+    } else {
+        (None, None)
+    };
 
     let report = report(
         dir,
@@ -433,19 +500,67 @@ async fn run_scenario(
 
 /// Makes the benchmark's events: JSON payloads carrying a sequence number and a publish
 /// time, padded so that each structured event is about `event_bytes` long.
+///
+/// The payload is serialised straight from a borrowed struct, as an application publishing
+/// a typed event would do it, and the padding, the same for every event, is serialised
+/// once: making the events is the publishers' work, not Herald's, and should cost the
+/// run as little as it can.
 #[derive(Debug, Clone)]
 struct StampMaker {
-    padding: Arc<str>,
+    /// The padding, as a JSON string.
+    padding: Arc<RawValue>,
 }
 
-/// An event's `data`, as the handler reads it. Fixed-width decimal strings keep every
-/// event the same size.
-#[derive(Debug, Deserialize)]
+/// An event's `data` as published. Fixed-width decimal strings keep every event the same
+/// size; the fields are in the order a JSON object map would sort them.
+#[derive(Debug, Serialize)]
+struct StampData<'a> {
+    padding: &'a RawValue,
+    sent_ns: FixedWidth,
+    seq: FixedWidth,
+}
+
+/// A number written as a 20-digit decimal string, without an intermediate `String`.
+#[derive(Debug, Clone, Copy)]
+struct FixedWidth(u64);
+
+impl Serialize for FixedWidth {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut digits = [b'0'; 20];
+        let mut rest = self.0;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        serializer.serialize_str(std::str::from_utf8(&digits).expect("ASCII digits"))
+    }
+}
+
+/// An event's `data`, as the handler reads it.
+#[derive(Debug, Clone, Copy, Deserialize)]
 struct Stamp {
     /// The event's sequence number in its scenario.
-    seq: String,
+    #[serde(deserialize_with = "fixed_width")]
+    seq: u64,
     /// When it was published, in ns since the scenario's epoch.
-    sent_ns: String,
+    #[serde(deserialize_with = "fixed_width")]
+    sent_ns: u64,
+}
+
+/// Reads a [`FixedWidth`] number from its string, borrowing the text rather than
+/// allocating a `String` for it.
+fn fixed_width<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Digits;
+    impl serde::de::Visitor<'_> for Digits {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a decimal number as a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+            text.parse().map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_str(Digits)
 }
 
 impl StampMaker {
@@ -453,9 +568,12 @@ impl StampMaker {
     const TYPE: &'static str = "BenchEvent";
 
     fn new(event_bytes: usize) -> StampMaker {
-        let bare = Self::build("", 0, 0).to_json().len();
+        let padding = |len: usize| {
+            serde_json::value::to_raw_value(&"x".repeat(len)).expect("a string serialises")
+        };
+        let bare = Self::build(&padding(0), 0, 0).to_json().len();
         StampMaker {
-            padding: "x".repeat(event_bytes.saturating_sub(bare)).into(),
+            padding: padding(event_bytes.saturating_sub(bare)).into(),
         }
     }
 
@@ -464,12 +582,15 @@ impl StampMaker {
         Self::build(&self.padding, seq, sent_ns)
     }
 
-    fn build(padding: &str, seq: u64, sent_ns: u64) -> Event {
-        Event::new("/herald/bench", Self::TYPE).with_data(serde_json::json!({
-            "seq": format!("{seq:020}"),
-            "sent_ns": format!("{sent_ns:020}"),
-            "padding": padding,
-        }))
+    fn build(padding: &RawValue, seq: u64, sent_ns: u64) -> Event {
+        let data = StampData {
+            padding,
+            sent_ns: FixedWidth(sent_ns),
+            seq: FixedWidth(seq),
+        };
+        Event::new("/herald/bench", Self::TYPE)
+            .with_data_as(&data)
+            .expect("a struct of strings serialises")
     }
 }
 
@@ -483,7 +604,8 @@ struct Sink {
     distinct: Arc<AtomicU64>,
     /// Events handled again.
     duplicates: AtomicU64,
-    /// Events whose data made no sense (sequence number out of range, bad numbers).
+    /// Events whose data made no sense (sequence number out of range; in the channel
+    /// baseline also data that does not parse).
     malformed: AtomicU64,
     /// When the last new event was handled, ns since the epoch.
     last_ns: AtomicU64,
@@ -512,11 +634,7 @@ impl Sink {
     /// What a handler does with an event: mark it seen and, the first time, time it.
     fn handle(&self, stamp: &Stamp) {
         let now_ns = self.now_ns();
-        let (Ok(seq), Ok(sent_ns)) = (stamp.seq.parse::<u64>(), stamp.sent_ns.parse::<u64>())
-        else {
-            self.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
+        let Stamp { seq, sent_ns } = *stamp;
         let Some(word) = usize::try_from(seq / 64)
             .ok()
             .and_then(|word| self.seen.get(word))
@@ -1162,12 +1280,39 @@ mod tests {
     }
 
     #[test]
+    fn stamps_are_the_json_object_a_value_would_make() {
+        let maker = StampMaker::new(500);
+        let event = maker.event(42, 7);
+        let expected = serde_json::json!({
+            "seq": format!("{:020}", 42),
+            "sent_ns": format!("{:020}", 7),
+            "padding": serde_json::from_str::<String>(maker.padding.get()).unwrap(),
+        });
+        let Some(herald_core::Data::Json(raw)) = &event.data else {
+            panic!("the payload is JSON");
+        };
+        assert_eq!(raw.get(), expected.to_string());
+        let stamp = event.data_as::<Stamp>().unwrap().unwrap();
+        assert_eq!((stamp.seq, stamp.sent_ns), (42, 7));
+        let stamp = maker
+            .event(u64::MAX, 0)
+            .data_as::<Stamp>()
+            .unwrap()
+            .unwrap();
+        assert_eq!(stamp.seq, u64::MAX);
+    }
+
+    #[test]
+    fn a_stamp_with_bad_numbers_does_not_parse() {
+        let event = Event::new("/herald/bench", StampMaker::TYPE)
+            .with_data(serde_json::json!({ "seq": "12x", "sent_ns": "0" }));
+        assert!(event.data_as::<Stamp>().is_err());
+    }
+
+    #[test]
     fn the_sink_counts_duplicates_once() {
         let sink = Sink::new(128);
-        let stamp = |seq: u64| Stamp {
-            seq: format!("{seq:020}"),
-            sent_ns: format!("{:020}", 0),
-        };
+        let stamp = |seq: u64| Stamp { seq, sent_ns: 0 };
         sink.handle(&stamp(3));
         sink.handle(&stamp(3));
         sink.handle(&stamp(127));
