@@ -718,7 +718,9 @@ where
             let work = Arc::clone(&self.work);
             let task = handle(pipeline, work, name.clone(), item)
                 .instrument(tracing::info_span!("herald.consumer.handle", key = %name));
-            let id = self.tasks.spawn(task).id();
+            // Boxed: the task's future is large, and the spawn path would otherwise copy
+            // it several times per message.
+            let id = self.tasks.spawn(Box::pin(task)).id();
             self.task_keys.insert(id, name);
         }
     }
