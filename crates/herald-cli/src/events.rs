@@ -361,8 +361,9 @@ async fn follow(log: &Log, args: &TailArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The signals that stop `herald events tail`: Ctrl-C, and on Unix also SIGTERM.
-struct Shutdown {
+/// The signals that stop `herald events tail` and `herald up`: Ctrl-C, and on Unix also
+/// SIGTERM.
+pub(crate) struct Shutdown {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -371,7 +372,7 @@ struct Shutdown {
 
 impl Shutdown {
     /// Starts listening; from now on those signals no longer kill the process.
-    fn listen() -> io::Result<Shutdown> {
+    pub(crate) fn listen() -> io::Result<Shutdown> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -387,7 +388,7 @@ impl Shutdown {
     }
 
     /// Completes when one of the signals arrives.
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         #[cfg(unix)]
         {
             tokio::select! {

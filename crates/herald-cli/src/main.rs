@@ -15,6 +15,7 @@ mod dlq;
 mod events;
 mod groups;
 mod store;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     /// Show how far consumer groups are behind.
     #[command(subcommand)]
     Groups(groups::Command),
+    /// Serve the event API over HTTP on the data directory's event log.
+    Up(up::Args),
     /// Tools that test Herald itself.
     #[command(subcommand, hide = true)]
     Debug(debug::Command),
@@ -104,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Debug(command) => debug::run(command, &resolved()).await,
         Command::Dlq(command) => dlq::run(command, &resolved()).await,
         Command::Groups(command) => groups::run(command, &resolved()).await,
+        Command::Up(args) => up::run(args, &resolved()).await,
     }
 }
 

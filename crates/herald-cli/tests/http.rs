@@ -1,0 +1,455 @@
+//! The event API over HTTP, against a real `herald up` process on a free port: every endpoint,
+//! every error, hostile input, and a graceful SIGTERM after which the data is on disk.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use herald_core::{Direction, EventStore as _, Position, StreamName, Version};
+use herald_log::{Log, Options};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+const STRUCTURED: &str = "application/cloudevents+json";
+const BATCH: &str = "application/cloudevents-batch+json";
+/// A hang guard, not a synchronisation: how many connections may still be accepted after
+/// SIGTERM before the test gives up.
+const CONNECT_ATTEMPTS_MAX: u64 = 1_000_000;
+
+/// A running `herald up` and a keep-alive client to it.
+struct Herald {
+    child: Child,
+    addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// One response, its body parsed as JSON when it is JSON.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    body: Value,
+}
+
+impl Herald {
+    /// Starts `herald up` on a free port of the loopback and reads the address it prints.
+    fn start(dir: &Path, args: &[&str]) -> Herald {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(args)
+            .env_remove("HERALD_LISTEN")
+            .env_remove("HERALD_DATA_DIR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("herald up starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let printed: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|error| panic!("herald up printed {line:?}: {error}"));
+        let addr = printed["listen"].as_str().unwrap().parse().unwrap();
+        Herald {
+            child,
+            addr,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, hyper_util::client::legacy::Error> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self
+            .client
+            .request(request.body(Full::new(body.into())).unwrap())
+            .await?;
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|value| value.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = if content_type.contains("json") {
+            serde_json::from_slice(&bytes).unwrap()
+        } else {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        Ok(Reply {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Reply {
+        self.send(Method::POST, path, &[("content-type", content_type)], body)
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(Method::GET, path, &[], Bytes::new())
+            .await
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; true when it exited with status 0.
+    fn terminate(self) -> bool {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        self.terminate_sent()
+    }
+
+    /// Waits for the process to exit after a SIGTERM; true when it exited with status 0.
+    fn terminate_sent(mut self) -> bool {
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        // A failed test must not leave a server behind; after `terminate` this is a no-op.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(id: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/tests", "type": "test.happened",
+           "data": {"id": id}, "tenant": "acme"})
+}
+
+fn assert_problem(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status, "{}", reply.body);
+    assert_eq!(reply.content_type, "application/problem+json");
+    assert_eq!(reply.body["status"], status.as_u16());
+    assert!(reply.body["type"].is_string() && reply.body["title"].is_string());
+    assert!(!reply.body["detail"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn every_endpoint_works_and_sigterm_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let herald = Herald::start(dir.path(), &[]);
+    assert_eq!(herald.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(herald.get("/readyz").await.status, StatusCode::OK);
+
+    // Structured, then a batch, then a retry of the batch (idempotent).
+    let one = herald
+        .post("/streams/order-1", STRUCTURED, event("e0").to_string())
+        .await;
+    assert_eq!(one.status, StatusCode::CREATED, "{}", one.body);
+    assert_eq!(
+        one.body,
+        json!({"events": [{"id": "e0", "version": 0, "position": 0}]})
+    );
+    let batch = json!([event("e1"), event("e2")]).to_string();
+    let appended = herald.post("/streams/order-1", BATCH, batch.clone()).await;
+    assert_eq!(appended.status, StatusCode::CREATED);
+    let retried = herald.post("/streams/order-1", BATCH, batch).await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(retried.body, appended.body);
+
+    // Binary mode, with an expected version.
+    let binary = herald
+        .send(
+            Method::POST,
+            "/streams/order-1",
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "e3"),
+                ("ce-source", "/webhooks"),
+                ("ce-type", "test.happened"),
+                ("ce-tenant", "acme"),
+                ("herald-expected-version", "2"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"id":"e3"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(binary.status, StatusCode::CREATED, "{}", binary.body);
+    assert_eq!(binary.body["events"][0]["version"], 3);
+
+    let page = herald.get("/streams/order-1?limit=3").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let ids: Vec<_> = page.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["event"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["e0", "e1", "e2"]);
+    assert_eq!(page.body["events"][1]["event"], event("e1"));
+    let next = herald.get(page.body["next"].as_str().unwrap()).await;
+    assert_eq!(next.body["events"][0]["event"]["id"], "e3");
+    assert_eq!(next.body["events"][0]["event"]["tenant"], "acme");
+
+    let backward = herald
+        .get("/streams/order-1?direction=backward&limit=1")
+        .await;
+    assert_eq!(backward.body["events"][0]["version"], 3);
+
+    herald
+        .post("/streams/other", STRUCTURED, event("o0").to_string())
+        .await;
+    let all = herald.get("/all?from=3").await;
+    let positions: Vec<_> = all.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, [3, 4]);
+
+    let deleted = herald
+        .send(Method::DELETE, "/streams/other", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_problem(&herald.get("/streams/other").await, StatusCode::NOT_FOUND);
+
+    assert!(herald.terminate(), "herald up exits 0 on SIGTERM");
+
+    // The log was closed cleanly: it opens again, with every acknowledged event.
+    let log = Log::open(Options::new(dir.path())).unwrap();
+    let stream = StreamName::new("order-1").unwrap();
+    let stored = log
+        .read_stream(&stream, Version(0), Direction::Forward, 100)
+        .await
+        .unwrap();
+    let ids: Vec<_> = stored
+        .iter()
+        .map(|record| record.event.id.as_str())
+        .collect();
+    assert_eq!(ids, ["e0", "e1", "e2", "e3"]);
+    assert_eq!(log.head().await.unwrap(), Some(Position(4)));
+    log.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_are_problem_documents_and_hostile_input_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let herald = Herald::start(dir.path(), &["--body-size-max-bytes", "4096"]);
+
+    // 400: an invalid CloudEvent names the attribute.
+    let reply = herald
+        .post(
+            "/streams/s",
+            STRUCTURED,
+            json!({"specversion": "1.0", "id": "x", "type": "t"}).to_string(),
+        )
+        .await;
+    assert_problem(&reply, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.body["attribute"], "source");
+
+    // 400: bad stream names; bad, negative or non-numeric expected versions.
+    for path in [
+        "/streams/$all",
+        "/streams/a%20b",
+        "/streams/%FF",
+        "/streams/x%2Fy",
+    ] {
+        let reply = herald.post(path, STRUCTURED, event("x").to_string()).await;
+        assert_problem(&reply, StatusCode::BAD_REQUEST);
+    }
+    for expected in ["-1", "abc", "1e3", "99999999999999999999"] {
+        let reply = herald
+            .send(
+                Method::POST,
+                "/streams/s",
+                &[
+                    ("content-type", STRUCTURED),
+                    ("herald-expected-version", expected),
+                ],
+                event("x").to_string(),
+            )
+            .await
+            .unwrap();
+        assert_problem(&reply, StatusCode::BAD_REQUEST);
+    }
+
+    // 413 above the configured limit; 415 for what is not an event format.
+    let big = json!({"specversion": "1.0", "id": "x", "source": "/s", "type": "t",
+                     "data": "a".repeat(5000)});
+    let reply = herald.post("/streams/s", STRUCTURED, big.to_string()).await;
+    assert_problem(&reply, StatusCode::PAYLOAD_TOO_LARGE);
+    let reply = herald
+        .post("/streams/s", "application/json", event("x").to_string())
+        .await;
+    assert_problem(&reply, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // Deep nesting and invalid UTF-8.
+    let deep = format!(
+        r#"{{"specversion":"1.0","id":"x","source":"/s","type":"t","data":{}{}}}"#,
+        "[".repeat(2000),
+        "]".repeat(2000)
+    );
+    assert_problem(
+        &herald.post("/streams/s", STRUCTURED, deep).await,
+        StatusCode::BAD_REQUEST,
+    );
+    let reply = herald
+        .post(
+            "/streams/s",
+            STRUCTURED,
+            b"{\"specversion\":\"1.0\",\"id\":\"\xff\",\"source\":\"/s\",\"type\":\"t\"}".to_vec(),
+        )
+        .await;
+    assert_problem(&reply, StatusCode::BAD_REQUEST);
+
+    // A huge header value: refused (or the connection closed), and the server stays up.
+    let huge = "a".repeat(1 << 20);
+    if let Ok(reply) = herald
+        .send(
+            Method::POST,
+            "/streams/s",
+            &[("content-type", STRUCTURED), ("ce-huge", &huge)],
+            event("x").to_string(),
+        )
+        .await
+    {
+        assert!(reply.status.is_client_error(), "{:?}", reply.status);
+    }
+
+    // A long attribute header in binary mode is refused too.
+    let long = "a".repeat(64 * 1024);
+    let reply = herald
+        .send(
+            Method::POST,
+            "/streams/s",
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "x"),
+                ("ce-source", "/s"),
+                ("ce-type", "t"),
+                ("ce-long", &long),
+            ],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_problem(&reply, StatusCode::BAD_REQUEST);
+
+    // 404 on reads of an unknown stream.
+    assert_problem(&herald.get("/streams/unknown").await, StatusCode::NOT_FOUND);
+
+    // Nothing of the above was stored, and the server still serves.
+    let all = herald.get("/all").await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(all.body["events"], json!([]));
+
+    // 409 with the actual version.
+    herald
+        .post("/streams/s", STRUCTURED, event("a").to_string())
+        .await;
+    let reply = herald
+        .send(
+            Method::POST,
+            "/streams/s",
+            &[
+                ("content-type", STRUCTURED),
+                ("herald-expected-version", "no-stream"),
+            ],
+            event("b").to_string(),
+        )
+        .await
+        .unwrap();
+    assert_problem(&reply, StatusCode::CONFLICT);
+    assert_eq!(reply.body["actual"], 0);
+    assert!(herald.terminate());
+}
+
+#[tokio::test]
+async fn a_request_in_flight_at_sigterm_is_answered_and_stored() {
+    use std::io::{Read as _, Write as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let herald = Herald::start(dir.path(), &[]);
+    let body = event("late").to_string();
+    let mut socket = std::net::TcpStream::connect(herald.addr).unwrap();
+    write!(
+        socket,
+        "POST /streams/late HTTP/1.1\r\nhost: herald\r\ncontent-type: {STRUCTURED}\r\n\
+         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // `100 Continue` comes once the handler reads the body: the request is in flight.
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 100"), "{line:?}");
+    reader.read_line(&mut line).unwrap();
+
+    let pid = herald.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // Once the server stops accepting connections, it is shutting down; only then does the
+    // body go out, so the request is answered during the shutdown, not before it.
+    let mut attempts = 0u64;
+    while std::net::TcpStream::connect(herald.addr).is_ok() {
+        attempts += 1;
+        assert!(
+            attempts < CONNECT_ATTEMPTS_MAX,
+            "herald up still accepts connections"
+        );
+    }
+    socket.write_all(body.as_bytes()).unwrap();
+    let mut response = String::new();
+    reader.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    assert!(herald.terminate_sent(), "herald up exits 0 after answering");
+
+    let log = Log::open(Options::new(dir.path())).unwrap();
+    let stored = log
+        .read_stream(
+            &StreamName::new("late").unwrap(),
+            Version(0),
+            Direction::Forward,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    log.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let herald = Herald::start(dir.path(), &[]);
+    let second = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("up")
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(second.stdout.is_empty(), "it never listened");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("cannot open the event log"), "{stderr}");
+    assert!(herald.terminate());
+}
