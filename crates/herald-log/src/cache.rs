@@ -94,27 +94,26 @@ impl ReadCache {
     /// bound. Events that do not continue the cached run (the first after a failure, say)
     /// start a new run.
     pub(crate) fn extend(&self, events: Vec<Entry>) {
-        let Some(first) = events.first().map(|entry| entry.event.position.0) else {
+        if events.is_empty() {
             return;
-        };
-        let mut added: VecDeque<(Arc<RecordedEvent>, u64)> = events
-            .into_iter()
-            .map(|entry| {
-                let bytes = entry.json_bytes + ENTRY_OVERHEAD_BYTES;
-                (Arc::new(entry.event), bytes)
-            })
-            .collect();
-        // The events leaving the cache are dropped after the lock is released.
+        }
         let mut evicted = Vec::new();
         {
             let mut inner = self.inner.lock();
-            if inner.first + inner.entries.len() as u64 != first {
-                evicted.extend(inner.entries.drain(..));
-                inner.first = first;
-                inner.bytes = 0;
+            // The events of one group need not be contiguous: appends made while the cache
+            // was not keeping carry no events. A gap restarts the cache at the event after
+            // it, so that an entry's place always tells its position.
+            for entry in events {
+                let position = entry.event.position.0;
+                if inner.first + inner.entries.len() as u64 != position {
+                    evicted.extend(inner.entries.drain(..));
+                    inner.first = position;
+                    inner.bytes = 0;
+                }
+                let bytes = entry.json_bytes + ENTRY_OVERHEAD_BYTES;
+                inner.bytes += bytes;
+                inner.entries.push_back((Arc::new(entry.event), bytes));
             }
-            inner.bytes += added.iter().map(|(_, bytes)| bytes).sum::<u64>();
-            inner.entries.append(&mut added);
             while inner.bytes > self.bytes_max {
                 let Some((event, bytes)) = inner.entries.pop_front() else {
                     break;
@@ -146,9 +145,11 @@ impl ReadCache {
         positions
             .iter()
             .map(|&position| {
-                (inner.first..end)
-                    .contains(&position)
-                    .then(|| Arc::clone(&inner.entries[(position - inner.first) as usize].0))
+                (inner.first..end).contains(&position).then(|| {
+                    let event = &inner.entries[(position - inner.first) as usize].0;
+                    assert_eq!(event.position.0, position, "a cache entry out of place");
+                    Arc::clone(event)
+                })
             })
             .collect()
     }
@@ -180,6 +181,18 @@ mod tests {
             .into_iter()
             .map(|event| event.map(|event| event.position.0))
             .collect()
+    }
+
+    #[test]
+    fn a_gap_within_one_extend_restarts_the_cache_after_it() {
+        let cache = ReadCache::new(100 * ENTRY_OVERHEAD_BYTES);
+        cache.extend([0, 1, 5, 6].into_iter().map(entry).collect());
+        assert_eq!(
+            cached(&cache, &[0, 1, 2, 5, 6]),
+            [None, None, None, Some(5), Some(6)]
+        );
+        cache.extend([7].into_iter().map(entry).collect());
+        assert_eq!(cached(&cache, &[6, 7]), [Some(6), Some(7)]);
     }
 
     #[test]
