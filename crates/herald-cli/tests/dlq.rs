@@ -2,7 +2,6 @@
 //! stored through `EventStoreDeadLetters` on the embedded log, as a consumer stores them.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
@@ -12,38 +11,9 @@ use herald_log::{Log, Options};
 use herald_runtime::{DeadLetter, DeadLetterStore, ErrorKind, EventStoreDeadLetters};
 use serde_json::{Value, json};
 
-/// Runs `herald --data-dir DIR ARGS…`.
-fn herald(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("HERALD_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the herald binary runs")
-}
+mod common;
 
-/// The standard output of a run that must succeed.
-fn success(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "herald failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// The standard error of a run that must fail.
-fn failure(output: Output) -> String {
-    assert!(
-        !output.status.success(),
-        "herald should have failed; it printed {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8(output.stderr).unwrap()
-}
+use common::{failure, herald, success};
 
 /// The record of event `id` dead-lettered by the `billing` group.
 fn dead_letter(id: &str, reason: &str, error_kind: ErrorKind, attempts: u32) -> DeadLetter {

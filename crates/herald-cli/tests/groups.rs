@@ -1,8 +1,7 @@
 //! `herald groups lag` end to end: the real binary on a data directory where a consumer
 //! group consumed part of a topic through the embedded broker.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use herald_core::Event;
 use herald_core::broker::{GroupName, Publisher as _, Subscriber as _, TopicName, partition_for};
@@ -10,38 +9,9 @@ use herald_log::broker::{Broker, BrokerOptions};
 use herald_log::{Log, Options};
 use serde_json::{Value, json};
 
-/// Runs `herald --data-dir DIR ARGS…`.
-fn herald(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("HERALD_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the herald binary runs")
-}
+mod common;
 
-/// The standard output of a run that must succeed.
-fn success(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "herald failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// The standard error of a run that must fail.
-fn failure(output: Output) -> String {
-    assert!(
-        !output.status.success(),
-        "herald should have failed; it printed {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8(output.stderr).unwrap()
-}
+use common::{failure, herald, success};
 
 /// `count` events whose keys land in `partition` of 2.
 fn events_in(partition: u32, count: usize) -> Vec<Event> {
