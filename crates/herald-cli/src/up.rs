@@ -61,6 +61,7 @@ async fn serve(
     let options = ServerOptions {
         listen: args.listen,
         body_size_max_bytes: args.body_size_max_bytes,
+        tokens: Vec::new(),
     };
     let event_store: Arc<dyn EventStore> = Arc::new(log.clone());
     let server = options

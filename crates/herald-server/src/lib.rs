@@ -85,6 +85,38 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     /// The largest request body accepted, in bytes; a larger one gets `413`.
     pub body_size_max_bytes: usize,
+    /// Bearer tokens accepted; empty (the default) turns authentication off.
+    pub tokens: Vec<Token>,
+}
+
+/// A bearer token and what it may do.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// The secret the client sends as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// What the token allows.
+    pub scope: Scope,
+}
+
+impl std::fmt::Debug for Token {
+    // The secret never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("token", &"<redacted>")
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// What a [`Token`] allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Reads only: `GET` endpoints.
+    Read,
+    /// Reads and writes: appends and deletes too.
+    Write,
 }
 
 impl Default for ServerOptions {
@@ -92,6 +124,7 @@ impl Default for ServerOptions {
         ServerOptions {
             listen: LISTEN_DEFAULT,
             body_size_max_bytes: BODY_SIZE_MAX_BYTES_DEFAULT,
+            tokens: Vec::new(),
         }
     }
 }
