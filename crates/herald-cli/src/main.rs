@@ -10,6 +10,7 @@
 //! be piped into `jq` or another program.
 
 mod bench;
+mod config;
 mod debug;
 mod dlq;
 mod events;
@@ -23,8 +24,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// The data directory used when neither `--data-dir` nor `HERALD_DATA_DIR` is given.
-const DATA_DIR_DEFAULT: &str = "herald-data";
+use crate::config::DATA_DIR_DEFAULT;
 
 /// The `herald` command line.
 #[derive(Debug, Parser)]
@@ -88,7 +88,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", render(&error));
-            if let Some(hint) = store::hint(&error).or_else(|| groups::hint(&error)) {
+            if let Some(hint) = store::hint(&error)
+                .or_else(|| groups::hint(&error))
+                .or_else(|| config::hint(&error))
+            {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE
@@ -107,7 +110,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Debug(command) => debug::run(command, &resolved()).await,
         Command::Dlq(command) => dlq::run(command, &resolved()).await,
         Command::Groups(command) => groups::run(command, &resolved()).await,
-        Command::Up(args) => up::run(args, &resolved()).await,
+        // `herald up` also reads a configuration file, which the flag and the variable override.
+        Command::Up(args) => up::run(args, data_dir.as_deref()).await,
     }
 }
 

@@ -2,139 +2,23 @@
 //! every error, hostile input, and a graceful SIGTERM after which the data is on disk.
 
 use std::io::{BufRead as _, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use herald_core::{Direction, EventStore as _, Position, StreamName, Version};
 use herald_log::{Log, Options};
-use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
+
+mod common;
+
+use common::http::{Herald, Reply};
 
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
 /// A hang guard, not a synchronisation: how many connections may still be accepted after
 /// SIGTERM before the test gives up.
 const CONNECT_ATTEMPTS_MAX: u64 = 1_000_000;
-
-/// A running `herald up` and a keep-alive client to it.
-struct Herald {
-    child: Child,
-    addr: SocketAddr,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-/// One response, its body parsed as JSON when it is JSON.
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    body: Value,
-}
-
-impl Herald {
-    /// Starts `herald up` on a free port of the loopback and reads the address it prints.
-    fn start(dir: &Path, args: &[&str]) -> Herald {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .args(args)
-            .env_remove("HERALD_LISTEN")
-            .env_remove("HERALD_DATA_DIR")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("herald up starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let printed: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|error| panic!("herald up printed {line:?}: {error}"));
-        let addr = printed["listen"].as_str().unwrap().parse().unwrap();
-        Herald {
-            child,
-            addr,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Result<Reply, hyper_util::client::legacy::Error> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = self
-            .client
-            .request(request.body(Full::new(body.into())).unwrap())
-            .await?;
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|value| value.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = if content_type.contains("json") {
-            serde_json::from_slice(&bytes).unwrap()
-        } else {
-            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-        };
-        Ok(Reply {
-            status,
-            content_type,
-            body,
-        })
-    }
-
-    async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Reply {
-        self.send(Method::POST, path, &[("content-type", content_type)], body)
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, path: &str) -> Reply {
-        self.send(Method::GET, path, &[], Bytes::new())
-            .await
-            .unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the process to exit; true when it exited with status 0.
-    fn terminate(self) -> bool {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        self.terminate_sent()
-    }
-
-    /// Waits for the process to exit after a SIGTERM; true when it exited with status 0.
-    fn terminate_sent(mut self) -> bool {
-        self.child.wait().unwrap().success()
-    }
-}
-
-impl Drop for Herald {
-    fn drop(&mut self) {
-        // A failed test must not leave a server behind; after `terminate` this is a no-op.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn event(id: &str) -> Value {
     json!({"specversion": "1.0", "id": id, "source": "/tests", "type": "test.happened",

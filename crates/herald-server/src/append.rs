@@ -9,9 +9,11 @@ use axum::response::{IntoResponse, Response};
 use herald_core::{Appended, Event};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::binary;
+use crate::openapi::{CloudEvent, CloudEventBatch};
 use crate::params::{expected_version, stream_name};
 use crate::problem::Problem;
 
@@ -36,19 +38,84 @@ enum Mode {
 }
 
 /// The `201` body: where each event was stored, in the order given.
-#[derive(Debug, Serialize)]
-struct AppendedDto {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Appended)]
+pub(crate) struct AppendedDto {
+    /// One entry per event of the request, in its order.
     events: Vec<AppendedEventDto>,
 }
 
-#[derive(Debug, Serialize)]
-struct AppendedEventDto {
+/// Where one appended event was stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AppendedEvent)]
+pub(crate) struct AppendedEventDto {
+    /// The event's id.
     id: String,
+    /// Its version within the stream.
     version: u64,
+    /// Its position in the global log.
     position: u64,
 }
 
 /// Appends the request's events to the stream in the path.
+#[utoipa::path(
+    post,
+    path = "/streams/{stream}",
+    tag = "events",
+    summary = "Append events to a stream",
+    description = "One structured event, a batch (stored atomically: all or none) or one \
+        binary-mode event: any other `Content-Type` with the `ce-specversion`, `ce-id`, \
+        `ce-source` and `ce-type` headers, the body being the event's `data`. In binary mode \
+        every other `ce-<name>` header is an attribute, percent-encoded as the CloudEvents \
+        HTTP binding says. Re-sending an append that was stored is answered with the \
+        original result and stores nothing.",
+    params(
+        ("stream" = String, Path, description = "The stream's name"),
+        ("Herald-Expected-Version" = Option<String>, Header, description = "`any` (the \
+            default), `no-stream`, `exists` or the version of the stream's last event: the \
+            append is refused unless it holds"),
+        ("ce-specversion" = Option<String>, Header, description = "Binary mode: `1.0`"),
+        ("ce-id" = Option<String>, Header, description = "Binary mode: the event's id"),
+        ("ce-source" = Option<String>, Header, description = "Binary mode: the event's source"),
+        ("ce-type" = Option<String>, Header, description = "Binary mode: the event's type"),
+        ("ce-subject" = Option<String>, Header, description = "Binary mode: the subject"),
+        ("ce-time" = Option<String>, Header, description = "Binary mode: the time (RFC 3339)"),
+        ("ce-dataschema" = Option<String>, Header, description = "Binary mode: the schema of \
+            the data"),
+    ),
+    request_body(
+        description = "The events, in one of three modes",
+        content(
+            (CloudEvent = "application/cloudevents+json"),
+            (CloudEventBatch = "application/cloudevents-batch+json"),
+            ("*/*"),
+        ),
+    ),
+    responses(
+        (status = 201, description = "Stored; `Location` points at the first event in the \
+            stream", body = AppendedDto,
+         headers(("Location" = String, description = "`/streams/{stream}?from=<version>`"))),
+        (status = 400, description = "A malformed stream name, expected version or event, an \
+            event id twice in the batch, an empty batch (`urn:herald:problem:invalid-event` \
+            with `attribute` and `index`, `invalid-stream-name`, `invalid-expected-version`, \
+            `duplicate-in-batch`, `empty-append`, `unreadable-body`)",
+         body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The expected version does not hold, or an event id is \
+            stored by another append (`urn:herald:problem:wrong-expected-version` with \
+            `expected` and `actual`, `urn:herald:problem:duplicate-event-id`)",
+         body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body or the append is larger than the limit \
+            (`urn:herald:problem:body-too-large`, `urn:herald:problem:append-too-large`, with \
+            `limit`)",
+         body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Neither a CloudEvents media type nor binary-mode \
+            headers (`urn:herald:problem:unsupported-media-type`)",
+         body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unavailable \
+            (`urn:herald:problem:store-unavailable`)",
+         body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub(crate) async fn append(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,

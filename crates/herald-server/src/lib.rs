@@ -1,17 +1,24 @@
 //! Herald's HTTP server: the event API over any [`EventStore`], speaking CloudEvents, so that a
-//! service in any language (or a webhook of an external system) can append and read events
-//! without a Rust client.
+//! service in any language (or a webhook of an external system) can append, read and follow
+//! events without a Rust client.
 //!
 //! # Endpoints
 //!
-//! | method and path              | what it does                                              |
-//! |------------------------------|-----------------------------------------------------------|
-//! | `POST /streams/{stream}`     | appends one event, a batch (atomically) or a binary-mode event |
-//! | `GET /streams/{stream}`      | a page of the stream: `?from=&limit=&direction=`           |
-//! | `DELETE /streams/{stream}`   | soft-deletes the stream                                   |
-//! | `GET /all`                   | a page of the global log: `?from=&limit=&direction=`      |
-//! | `GET /healthz`               | the process is up                                         |
-//! | `GET /readyz`                | the store answers                                         |
+//! Every route is listed in [`ROUTES`], with who may call it; `GET /openapi.json` describes
+//! each one (parameters, bodies, responses and their problem types).
+//!
+//! | method and path                | what it does                                            | token |
+//! |--------------------------------|---------------------------------------------------------|-------|
+//! | `POST /streams/{stream}`       | appends one event, a batch (atomically) or a binary-mode event | write |
+//! | `GET /streams/{stream}`        | a page of the stream: `?from=&limit=&direction=`         | read  |
+//! | `DELETE /streams/{stream}`     | soft-deletes the stream                                 | write |
+//! | `GET /streams/{stream}/live`   | the stream as Server-Sent Events, catch-up then live: `?from=` | read |
+//! | `GET /all`                     | a page of the global log: `?from=&limit=&direction=`    | read  |
+//! | `GET /all/live`                | the global log as Server-Sent Events, catch-up then live: `?from=` | read |
+//! | `GET /metrics`                 | Prometheus metrics of the process                       | read  |
+//! | `GET /openapi.json`            | the OpenAPI 3.1 description of this API                 | read  |
+//! | `GET /healthz`                 | the process is up                                       | none  |
+//! | `GET /readyz`                  | the store answers                                       | none  |
 //!
 //! # Contract
 //!
@@ -29,8 +36,49 @@
 //!   parser runs, so that hostile input cannot exhaust the stack and everything stored parses
 //!   again with ordinary JSON libraries; a binary-mode `ce-*` header MUST be at most
 //!   [`ATTRIBUTE_HEADER_LEN_MAX_BYTES`] long.
-//! - On shutdown the server MUST stop accepting connections, then answer the requests in
-//!   flight before [`Server::run`] returns.
+//! - On shutdown the server MUST stop accepting connections, end the live responses, then
+//!   answer the requests in flight before [`Server::run`] returns.
+//!
+//! # Live streams
+//!
+//! `GET /all/live` and `GET /streams/{stream}/live` answer `text/event-stream`: every event
+//! from `from` (default 0) in order, first those already stored, then new ones as they are
+//! appended, with no gap and no duplicate (the [`EventStore`] subscription contract). Each SSE
+//! event's `data:` is one line of JSON, one record exactly as in the pages of the paged reads
+//! (`stream`, `version`, `position`, `recorded_at`, `event`), and its `id:` is the event's
+//! **global position** on `/all/live` and its **stream version** on
+//! `/streams/{stream}/live`. A client that reconnects with `Last-Event-ID` MUST get exactly
+//! the events after that id; the header wins over `from`. A malformed `from` or
+//! `Last-Event-ID` is `400` before the response starts; following a deleted stream is `404`,
+//! one that does not exist yet is waited for. An error of the store after the response
+//! started ends it with an SSE event named `error` whose data is the problem document.
+//! Comments are sent every [`LIVE_KEEP_ALIVE_INTERVAL_SECS`] while nothing happens, so that
+//! proxies keep the connection and clients notice a dead one.
+//!
+//! A live response never buffers ahead of its client: the subscription is polled only when
+//! the connection can take more (hyper stops polling a response body while its write buffer
+//! is full), and the stores read a subscription a page at a time, so a slow client costs a
+//! bounded amount of memory however far behind it falls.
+//!
+//! # Authentication
+//!
+//! With [`ServerOptions::tokens`] empty (the default) every endpoint is open. Otherwise a
+//! request MUST carry `Authorization: Bearer <token>` naming one of them: without one, or with
+//! an unknown one, it is `401` with `WWW-Authenticate: Bearer`; a [`Scope::Read`] token on an
+//! endpoint that writes is `403`. Both are decided before the body is read, so nothing is
+//! stored. Tokens are compared in constant time. `/healthz` and `/readyz` stay open: load
+//! balancers and orchestrators probe them without credentials, and they reveal nothing but
+//! that the process and its store answer.
+//!
+//! # Metrics
+//!
+//! Every request is counted in `herald_http_requests_total{method,route,status}` and timed in
+//! the histogram `herald_http_request_duration_seconds{method,route}` (until the response
+//! head is sent; a live response counts once, when it starts). `route` is the matched route
+//! template, e.g. `/streams/{stream}`, or `unmatched`, and `method` is one of the standard
+//! methods or `other`, so that no request can add a label value. The recorder is the
+//! process-global one of the [`metrics`] facade (see [`install_metrics`]), so that every
+//! component of the process that records metrics is served on `/metrics` too.
 //!
 //! **API Boundary:** the server knows only the [`EventStore`] trait of `herald-core`; which
 //! store backs it (the embedded log, or another) is the caller's choice.
@@ -38,15 +86,26 @@
 #![forbid(unsafe_code)]
 
 mod append;
+mod auth;
 mod binary;
-
-pub use append::JSON_DEPTH_MAX;
-pub use binary::ATTRIBUTE_HEADER_LEN_MAX_BYTES;
+mod live;
+mod openapi;
 mod params;
 mod problem;
 mod read;
+mod telemetry;
 
-use std::future::Future;
+pub use append::JSON_DEPTH_MAX;
+pub use binary::ATTRIBUTE_HEADER_LEN_MAX_BYTES;
+pub use live::{LAST_EVENT_ID_HEADER, LIVE_KEEP_ALIVE_INTERVAL_SECS};
+pub use metrics_exporter_prometheus::PrometheusHandle;
+pub use openapi::openapi;
+pub use telemetry::{
+    DURATION_BUCKETS_SECONDS, HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL,
+    METRICS_UPKEEP_INTERVAL_SECS, install_metrics,
+};
+
+use std::future::{Future, IntoFuture as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -56,6 +115,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herald_core::EventStore;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -147,6 +207,85 @@ pub enum Error {
     Serve(#[source] std::io::Error),
 }
 
+/// Who may call a route when [`ServerOptions::tokens`] is not empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a token.
+    Open,
+    /// A token of either scope.
+    Read,
+    /// A [`Scope::Write`] token.
+    Write,
+}
+
+/// One route the server serves: a method, a path template and who may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The HTTP method, uppercase.
+    pub method: &'static str,
+    /// The path template, with `{name}` for a path parameter.
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+/// Every route of [`router`], and only those: authentication reads who may call a route
+/// here, metrics take their `route` label from here, and a test checks that the router and
+/// `/openapi.json` agree with this list, so that a route cannot be added without being
+/// documented and protected.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "POST",
+        path: "/streams/{stream}",
+        access: Access::Write,
+    },
+    Route {
+        method: "GET",
+        path: "/streams/{stream}",
+        access: Access::Read,
+    },
+    Route {
+        method: "DELETE",
+        path: "/streams/{stream}",
+        access: Access::Write,
+    },
+    Route {
+        method: "GET",
+        path: "/streams/{stream}/live",
+        access: Access::Read,
+    },
+    Route {
+        method: "GET",
+        path: "/all",
+        access: Access::Read,
+    },
+    Route {
+        method: "GET",
+        path: "/all/live",
+        access: Access::Read,
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        access: Access::Read,
+    },
+    Route {
+        method: "GET",
+        path: "/openapi.json",
+        access: Access::Read,
+    },
+    Route {
+        method: "GET",
+        path: "/healthz",
+        access: Access::Open,
+    },
+    Route {
+        method: "GET",
+        path: "/readyz",
+        access: Access::Open,
+    },
+];
+
 impl ServerOptions {
     /// Binds the listening socket and builds the server over `store`; nothing is served until
     /// [`Server::run`].
@@ -167,17 +306,30 @@ impl ServerOptions {
         Ok(Server {
             listener,
             local_addr,
-            router: router(store, &self),
+            store,
+            options: self,
+            metrics: None,
         })
     }
 }
 
 /// A bound server, ready to [`run`](Server::run).
-#[derive(Debug)]
 pub struct Server {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
-    router: Router,
+    store: Arc<dyn EventStore>,
+    options: ServerOptions,
+    /// `None`: [`install_metrics`] when the server starts.
+    metrics: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -186,8 +338,18 @@ impl Server {
         self.local_addr
     }
 
-    /// Serves until `shutdown` completes, then stops accepting connections and returns once
-    /// the requests in flight are answered.
+    /// Serves `/metrics` from `handle`, a Prometheus recorder the caller installed, instead of
+    /// the one [`install_metrics`] installs.
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections, ends the live
+    /// responses and returns once the requests in flight are answered.
+    ///
+    /// While serving, it also runs the metrics recorder's upkeep every
+    /// [`METRICS_UPKEEP_INTERVAL_SECS`], so that histograms do not grow between scrapes.
     ///
     /// The store is not closed: it belongs to the caller, who closes it after `run` returns,
     /// when no request can reach it any more.
@@ -195,10 +357,23 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(Error::Serve)
+        let metrics = self.metrics.or_else(install_metrics);
+        // Graceful shutdown waits for every open response; a live one would never end by
+        // itself, so the same signal that stops accepting connections also ends them.
+        let stopping = CancellationToken::new();
+        let stop = stopping.clone();
+        let signal = async move {
+            shutdown.await;
+            stop.cancel();
+        };
+        let state = AppState::new(self.store, &self.options, metrics.clone(), stopping);
+        let serve = axum::serve(self.listener, app(state))
+            .with_graceful_shutdown(signal)
+            .into_future();
+        tokio::select! {
+            served = serve => served.map_err(Error::Serve),
+            never = telemetry::upkeep(metrics) => match never {},
+        }
     }
 }
 
@@ -207,17 +382,66 @@ impl Server {
 struct AppState {
     store: Arc<dyn EventStore>,
     body_size_max_bytes: usize,
+    /// Accepted bearer tokens; empty: authentication is off.
+    tokens: Arc<[Token]>,
+    /// Where `/metrics` renders from; `None`: another kind of recorder is installed.
+    metrics: Option<PrometheusHandle>,
+    /// Cancelled when the server starts shutting down; ends the live responses.
+    stopping: CancellationToken,
+}
+
+impl AppState {
+    fn new(
+        store: Arc<dyn EventStore>,
+        options: &ServerOptions,
+        metrics: Option<PrometheusHandle>,
+        stopping: CancellationToken,
+    ) -> Self {
+        AppState {
+            store,
+            body_size_max_bytes: options.body_size_max_bytes,
+            tokens: options.tokens.iter().cloned().collect(),
+            metrics,
+            stopping,
+        }
+    }
 }
 
 /// The routes of the event API over `store`, for embedding in another server or for testing
-/// in process; [`ServerOptions::build`] serves exactly this.
+/// in process; [`ServerOptions::build`] serves the same routes.
 ///
-/// `options.listen` is not used here.
+/// `/metrics` serves the recorder of [`install_metrics`]. `options.listen` is not used here,
+/// and the live responses of this router end only when their client goes: the router has no
+/// shutdown of its own (a [`Server`] has).
 pub fn router(store: Arc<dyn EventStore>, options: &ServerOptions) -> Router {
-    let state = AppState {
-        store,
-        body_size_max_bytes: options.body_size_max_bytes,
-    };
+    let state = AppState::new(store, options, install_metrics(), CancellationToken::new());
+    app(state)
+}
+
+/// [`router`], with `/metrics` served from `metrics`, a Prometheus recorder the caller
+/// installed.
+pub fn router_with_metrics(
+    store: Arc<dyn EventStore>,
+    options: &ServerOptions,
+    metrics: PrometheusHandle,
+) -> Router {
+    telemetry::describe();
+    let state = AppState::new(store, options, Some(metrics), CancellationToken::new());
+    app(state)
+}
+
+/// The routes of [`ROUTES`] and their layers.
+///
+/// The layers, outermost first (`Router::layer` wraps each route after it was matched, so
+/// every layer sees the matched route):
+///
+/// ```text
+///   request ─► Trace ─► metrics ─► CatchPanic ─► auth ─► handler
+/// ```
+///
+/// Metrics sit outside auth, so that refused requests are counted, and outside CatchPanic,
+/// so that a panic, answered with a `500` problem, is counted as a `500`.
+fn app(state: AppState) -> Router {
     Router::new()
         .route(
             "/streams/{stream}",
@@ -225,24 +449,69 @@ pub fn router(store: Arc<dyn EventStore>, options: &ServerOptions) -> Router {
                 .get(read::read_stream)
                 .delete(read::delete_stream),
         )
+        .route("/streams/{stream}/live", get(live::live_stream))
         .route("/all", get(read::read_all))
+        .route("/all/live", get(live::live_all))
+        .route("/metrics", get(telemetry::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         // A panic is a bug; the client still gets a problem document, not a closed connection.
         .layer(CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(telemetry::record))
         .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The entry of [`ROUTES`] for a request; `HEAD` is served by the `GET` route.
+fn route_of(method: &axum::http::Method, path: &str) -> Option<&'static Route> {
+    let method = if method == axum::http::Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES
+        .iter()
+        .find(|route| route.path == path && route.method == method)
 }
 
 /// The process is up and serving.
-async fn healthz() -> &'static str {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Liveness",
+    description = "The process is up and serving. Open even when tokens are configured, so \
+                   that probes need no credentials.",
+    responses((status = 200, description = "`ok`", body = String)),
+)]
+pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// The store answers a read.
-async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness",
+    description = "The store answers a read. Open even when tokens are configured, so that \
+                   probes need no credentials.",
+    responses(
+        (status = 200, description = "`ready`", body = String),
+        (status = 503, description = "The store does not answer (`urn:herald:problem:not-ready`)",
+         body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Response {
     match state.store.head().await {
         Ok(_) => "ready\n".into_response(),
         Err(error) => Problem::new(

@@ -146,8 +146,14 @@ impl Problem {
     }
 }
 
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+impl Problem {
+    /// The `detail` member.
+    pub(crate) fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The problem document, as one line of JSON.
+    pub(crate) fn to_json(&self) -> String {
         let mut body = Map::new();
         body.insert(
             "type".to_owned(),
@@ -156,10 +162,16 @@ impl IntoResponse for Problem {
         body.insert("title".to_owned(), json!(self.title));
         body.insert("status".to_owned(), json!(self.status.as_u16()));
         body.insert("detail".to_owned(), json!(self.detail));
-        for (name, value) in self.members {
-            body.entry(name).or_insert(value);
+        for (name, value) in &self.members {
+            body.entry(name.clone()).or_insert_with(|| value.clone());
         }
-        let mut response = (self.status, Value::Object(body).to_string()).into_response();
+        Value::Object(body).to_string()
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, self.to_json()).into_response();
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));

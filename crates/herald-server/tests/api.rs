@@ -1,13 +1,14 @@
-//! The event API in process: every endpoint and every error, through the router the server
-//! serves, over the in-memory store.
+//! The event API in process: every endpoint and every error, and bearer-token
+//! authentication, through the router the server serves, over the in-memory store.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use herald_core::memory::InMemoryStore;
 use herald_core::{Data, EventStore, ExtensionValue, StreamName, Version};
-use herald_server::{PAGE_EVENTS_MAX, ServerOptions, router};
+use herald_server::{PAGE_EVENTS_MAX, Scope, ServerOptions, Token, router};
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
@@ -23,6 +24,7 @@ struct Api {
 struct Reply {
     status: StatusCode,
     content_type: String,
+    headers: HeaderMap,
     body: Value,
 }
 
@@ -34,10 +36,24 @@ impl Api {
         }
     }
 
+    /// An API that accepts only `tokens`.
+    fn with_tokens(tokens: &[(&str, Scope)]) -> Self {
+        let mut api = Api::new();
+        api.options.tokens = tokens
+            .iter()
+            .map(|(token, scope)| Token {
+                token: (*token).to_owned(),
+                scope: *scope,
+            })
+            .collect();
+        api
+    }
+
     async fn send(&self, request: Request<Body>) -> Reply {
         let store: Arc<dyn EventStore> = self.store.clone();
         let response = router(store, &self.options).oneshot(request).await.unwrap();
         let status = response.status();
+        let headers = response.headers().clone();
         let content_type = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -52,6 +68,7 @@ impl Api {
         Reply {
             status,
             content_type,
+            headers,
             body,
         }
     }
@@ -574,4 +591,157 @@ async fn health_readiness_and_unknown_routes() {
         .send(Request::put("/streams/s").body(Body::empty()).unwrap())
         .await;
     assert_problem(&reply, StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed");
+}
+
+/// A request with `Authorization: Bearer <token>` when `token` is given.
+fn authorized(method: &str, path: &str, token: Option<&str>, body: Body) -> Request<Body> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, STRUCTURED);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    request.body(body).unwrap()
+}
+
+/// A body that records whether anything polled it.
+fn watched_body(polled: Arc<AtomicBool>) -> Body {
+    let chunks = futures::stream::poll_fn(move |_| {
+        polled.store(true, Ordering::SeqCst);
+        std::task::Poll::Ready(None::<Result<Vec<u8>, std::io::Error>>)
+    });
+    Body::from_stream(chunks)
+}
+
+fn assert_challenge(reply: &Reply, kind: &str) {
+    assert_problem(reply, StatusCode::UNAUTHORIZED, kind);
+    let challenge = reply.headers[header::WWW_AUTHENTICATE].to_str().unwrap();
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+}
+
+#[tokio::test]
+async fn without_a_valid_token_every_protected_route_is_401_and_nothing_is_stored() {
+    let api = Api::with_tokens(&[("w-secret", Scope::Write), ("r-secret", Scope::Read)]);
+    let protected = [
+        ("POST", "/streams/s"),
+        ("GET", "/streams/s"),
+        ("DELETE", "/streams/s"),
+        ("GET", "/streams/s/live"),
+        ("GET", "/all"),
+        ("GET", "/all/live"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        // Unknown paths and methods do not tell anonymous clients what exists.
+        ("GET", "/nowhere"),
+        ("PUT", "/streams/s"),
+    ];
+    for (method, path) in protected {
+        for token in [None, Some("wrong"), Some("w-secre"), Some("w-secrett")] {
+            let polled = Arc::new(AtomicBool::new(false));
+            let reply = api
+                .send(authorized(
+                    method,
+                    path,
+                    token,
+                    watched_body(polled.clone()),
+                ))
+                .await;
+            let kind = if token.is_none() {
+                "unauthorized"
+            } else {
+                "invalid-token"
+            };
+            assert_challenge(&reply, kind);
+            assert!(
+                !polled.load(Ordering::SeqCst),
+                "{method} {path}: the body of a refused request is never read"
+            );
+        }
+    }
+    // Credentials of another scheme, or malformed ones, are no credentials.
+    for value in ["Basic dzpzZWNyZXQ=", "Bearer", "Bearer ", "w-secret"] {
+        let request = Request::post("/streams/s")
+            .header(header::CONTENT_TYPE, STRUCTURED)
+            .header(header::AUTHORIZATION, value)
+            .body(Body::from(event("x").to_string()))
+            .unwrap();
+        assert_challenge(&api.send(request).await, "unauthorized");
+    }
+    api.assert_empty().await;
+}
+
+#[tokio::test]
+async fn a_read_token_may_read_but_not_write() {
+    let api = Api::with_tokens(&[("w-secret", Scope::Write), ("r-secret", Scope::Read)]);
+    for method in ["POST", "DELETE"] {
+        let polled = Arc::new(AtomicBool::new(false));
+        let reply = api
+            .send(authorized(
+                method,
+                "/streams/s",
+                Some("r-secret"),
+                watched_body(polled.clone()),
+            ))
+            .await;
+        assert_problem(&reply, StatusCode::FORBIDDEN, "insufficient-scope");
+        assert!(
+            reply.headers[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope")
+        );
+        assert!(!polled.load(Ordering::SeqCst), "the body is never read");
+    }
+    api.assert_empty().await;
+
+    // The write token writes; both read.
+    let body = Body::from(event("e1").to_string());
+    let appended = api
+        .send(authorized("POST", "/streams/s", Some("w-secret"), body))
+        .await;
+    assert_eq!(appended.status, StatusCode::CREATED, "{}", appended.body);
+    for token in ["r-secret", "w-secret"] {
+        for path in ["/streams/s", "/all", "/openapi.json", "/metrics"] {
+            let reply = api
+                .send(authorized("GET", path, Some(token), Body::empty()))
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{path} with {token}");
+        }
+        let unknown = api
+            .send(authorized("GET", "/nowhere", Some(token), Body::empty()))
+            .await;
+        assert_problem(&unknown, StatusCode::NOT_FOUND, "no-such-endpoint");
+    }
+    assert_eq!(api.get("/streams/s").await.status, StatusCode::UNAUTHORIZED);
+    let deleted = api
+        .send(authorized(
+            "DELETE",
+            "/streams/s",
+            Some("w-secret"),
+            Body::empty(),
+        ))
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn health_and_readiness_stay_open_and_auth_is_off_by_default() {
+    let api = Api::with_tokens(&[("w-secret", Scope::Write)]);
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(api.get("/readyz").await.status, StatusCode::OK);
+    assert_eq!(
+        api.send(Request::head("/healthz").body(Body::empty()).unwrap())
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let open = Api::new();
+    assert!(open.options.tokens.is_empty());
+    let reply = open
+        .post("/streams/s", STRUCTURED, event("e1").to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(open.get("/metrics").await.status, StatusCode::OK);
 }

@@ -2,11 +2,13 @@
 //! in the same run, on the same directory.
 //!
 //! These machines are shared and noisy, so the figures that matter are the ratios to the
-//! baselines (raw `write` + `fdatasync`, raw sequential reads), not the absolute numbers.
+//! baselines (raw `write` + `fdatasync`, raw sequential reads, the same work done in
+//! process), not the absolute numbers.
 //! Every run works in a fresh directory that it removes at the end.
 
 mod append;
 mod baseline;
+mod http;
 mod pubsub;
 mod read;
 
@@ -49,6 +51,14 @@ pub(crate) enum Command {
     /// half of `consumers_1_full`'s rate), and the middleware's CPU cost per event
     /// measured in isolation.
     Pubsub(pubsub::Args),
+    /// Appends over the HTTP API next to the same appends in process, in the same run.
+    ///
+    /// Serves a fresh log on a free loopback port in this process; `--clients` clients (64),
+    /// each with one keep-alive connection, POST `--batch` events (1) per request to their
+    /// own streams. Then the same number of tasks call `EventStore::append` directly on
+    /// another fresh log with the same events. Reports appends/s, p50/p99/max latency, CPU
+    /// per append and `ratio` = HTTP / in process, next to the raw `fdatasync` baseline.
+    Http(http::Args),
 }
 
 /// Runs a `bench` subcommand, measuring a fresh directory created in `parent_dir` (default:
@@ -59,6 +69,7 @@ pub(crate) async fn run(command: Command, parent_dir: Option<&Path>) -> anyhow::
         Command::Append(args) => append::run(args, &bench_dir).await,
         Command::Read(args) => read::run(args, &bench_dir).await,
         Command::Pubsub(args) => pubsub::run(args, &bench_dir).await,
+        Command::Http(args) => http::run(args, &bench_dir).await,
     }
 }
 

@@ -761,7 +761,7 @@ impl Service<Delivery> for Bare {
 
 /// The process's CPU time (user + system, every thread) from `/proc/self/stat`, in
 /// seconds; `None` where there is no such file.
-fn process_cpu_seconds() -> Option<f64> {
+pub(super) fn process_cpu_seconds() -> Option<f64> {
     /// Linux reports CPU times in `USER_HZ` ticks, 100 per second on every architecture.
     const TICKS_PER_SEC: f64 = 100.0;
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -774,7 +774,7 @@ fn process_cpu_seconds() -> Option<f64> {
 }
 
 /// CPU seconds between two readings.
-fn cpu_between(start: Option<f64>, end: Option<f64>) -> Option<f64> {
+pub(super) fn cpu_between(start: Option<f64>, end: Option<f64>) -> Option<f64> {
     Some(end? - start?)
 }
 

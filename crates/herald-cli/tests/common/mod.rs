@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod http;
+
 /// Runs `herald --data-dir DIR ARGS…`.
 pub fn herald(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_herald"))
