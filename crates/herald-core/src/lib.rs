@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod checkpoint;
 pub mod event;
 pub mod store;
 pub mod stream;
@@ -20,6 +21,7 @@ pub mod memory_broker;
 #[cfg(feature = "test-util")]
 pub mod pubsub_conformance;
 
+pub use checkpoint::{CheckpointStore, InMemoryCheckpointStore};
 pub use event::{Data, Event, ExtensionValue};
 pub use store::{Appended, EventStore, RecordedEvent};
 pub use stream::{Direction, ExpectedVersion, Position, StreamName, Version};

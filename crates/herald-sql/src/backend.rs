@@ -1,0 +1,218 @@
+//! [`Backend`]: the databases Herald's SQL components run on, and the statements each one
+//! runs (its dialect, private to the crate).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sqlx::Pool;
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::OutboxStatus;
+
+/// A database Herald's SQL components run on: `sqlx::Postgres` or `sqlx::Sqlite`.
+///
+/// Sealed: the statements behind it are written for each database, and the crate's tests
+/// run the same behaviour suite against both.
+#[allow(private_bounds)]
+pub trait Backend: sqlx::Database + Dialect {}
+
+impl Backend for sqlx::Postgres {}
+impl Backend for sqlx::Sqlite {}
+
+/// A row to insert into `herald_outbox`.
+#[derive(Debug)]
+pub(crate) struct NewRow<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) aggregatetype: &'a str,
+    pub(crate) aggregateid: &'a str,
+    pub(crate) ty: &'a str,
+    pub(crate) payload: Option<&'a [u8]>,
+    pub(crate) payload_kind: Option<&'static str>,
+    pub(crate) headers: String,
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+}
+
+/// An unpublished row a relay claimed.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimedRow {
+    pub(crate) seq: i64,
+    pub(crate) partition: i32,
+    pub(crate) topic: String,
+    pub(crate) headers: String,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) payload_kind: Option<String>,
+    pub(crate) attempts: i32,
+}
+
+/// Rows whose publish failed: they wait `delay_ms` before the next attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) seqs: Vec<i64>,
+    pub(crate) error: String,
+    pub(crate) delay_ms: i64,
+}
+
+/// The statements of one database. Times are the database's clock on PostgreSQL, and the
+/// process's clock on SQLite (one machine).
+pub(crate) trait Dialect: sqlx::Database {
+    /// Whether one relay holds every lease partition at a time (SQLite), instead of each
+    /// live relay taking its fair share (PostgreSQL).
+    const SINGLE_RELAY: bool;
+
+    /// What a claim keeps until its rows are settled: on PostgreSQL the transaction that
+    /// locks the claimed partitions' lease rows.
+    type Claim: Send;
+
+    /// The embedded migrations of this database, as `(version, description, sql)`.
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)];
+
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), MigrateError>> + Send;
+
+    fn insert_outbox(
+        conn: &mut Self::Connection,
+        row: &NewRow<'_>,
+        notify: bool,
+    ) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+    fn status(
+        pool: &Pool<Self>,
+        failing_len_max: i64,
+    ) -> impl Future<Output = sqlx::Result<OutboxStatus>> + Send;
+
+    fn lease_partitions(pool: &Pool<Self>) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+    /// Registers `holder` as alive for `ttl_ms`, forgets relays whose registration expired,
+    /// and returns the live relays, sorted.
+    fn heartbeat(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> impl Future<Output = sqlx::Result<Vec<String>>> + Send;
+
+    /// Extends every lease `holder` holds; returns their partitions.
+    fn renew(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> impl Future<Output = sqlx::Result<Vec<i32>>> + Send;
+
+    /// Takes up to `want` free or expired leases (all or none on a single-relay backend).
+    fn acquire(
+        pool: &Pool<Self>,
+        holder: &str,
+        want: i64,
+        ttl_ms: i64,
+    ) -> impl Future<Output = sqlx::Result<Vec<i32>>> + Send;
+
+    fn release(
+        pool: &Pool<Self>,
+        holder: &str,
+        partitions: &[i32],
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Releases every lease of `holder` and unregisters it.
+    fn leave(pool: &Pool<Self>, holder: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// The first unpublished rows, in `seq` order, of the partitions `holder` holds, up to
+    /// `len_max`, leaving out partitions whose rows wait for a retry.
+    fn claim(
+        pool: &Pool<Self>,
+        holder: &str,
+        ttl_ms: i64,
+        len_max: i64,
+    ) -> impl Future<Output = sqlx::Result<(Self::Claim, Vec<ClaimedRow>)>> + Send;
+
+    /// Marks `published` rows published (or deletes them) and records `failures`.
+    fn settle(
+        pool: &Pool<Self>,
+        claim: Self::Claim,
+        published: &[i64],
+        failures: &[Failure],
+        delete: bool,
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Deletes up to `len_max` rows published more than `older_than_ms` ago.
+    fn delete_published(
+        pool: &Pool<Self>,
+        older_than_ms: i64,
+        len_max: i64,
+    ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+    /// Whether [`Dialect::listen`] wakes the relay on commits.
+    const NOTIFIES: bool;
+
+    /// Until `shutdown`, wakes `wake` whenever a transaction that enqueued commits.
+    fn listen(
+        pool: Pool<Self>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+        retry_delay_ms: u64,
+    ) -> impl Future<Output = ()> + Send + 'static;
+
+    /// Records (group, event id) unless recorded; whether this call recorded it.
+    fn inbox_insert(
+        conn: &mut Self::Connection,
+        group: &str,
+        event_id: &str,
+        published: &str,
+    ) -> impl Future<Output = sqlx::Result<bool>> + Send;
+
+    fn inbox_get(
+        conn: &mut Self::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> impl Future<Output = sqlx::Result<Option<String>>> + Send;
+
+    fn checkpoint_load(
+        conn: &mut Self::Connection,
+        name: &str,
+    ) -> impl Future<Output = sqlx::Result<Option<i64>>> + Send;
+
+    /// Stores the greater of `position` and the stored position; returns the stored one.
+    fn checkpoint_save(
+        conn: &mut Self::Connection,
+        name: &str,
+        position: i64,
+    ) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+    fn checkpoint_delete(
+        conn: &mut Self::Connection,
+        name: &str,
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+}
+
+/// The migrator of a backend: its embedded migrations, not failing on versions it does not
+/// know (an application's own sqlx migrations in the same database).
+pub(crate) async fn migrator<DB: Dialect>() -> Result<Migrator, MigrateError> {
+    let mut migrator = Migrator::new(Embedded(DB::MIGRATIONS)).await?;
+    migrator.set_ignore_missing(true);
+    Ok(migrator)
+}
+
+/// Migrations compiled into the binary.
+#[derive(Debug)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(
+        self,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        let migrations = self
+            .0
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect();
+        Box::pin(async move { Ok(migrations) })
+    }
+}
