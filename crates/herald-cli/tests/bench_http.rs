@@ -2,17 +2,18 @@
 //! scenarios appended every event asked for. No timing is checked: these machines are shared
 //! and noisy.
 
-use std::process::Command;
-
 use serde_json::Value;
+
+mod common;
+
+use common::{herald, success};
 
 #[test]
 fn a_small_http_bench_reports_both_scenarios_and_their_ratio() {
     let parent = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(parent.path())
-        .args([
+    let output = success(herald(
+        parent.path(),
+        &[
             "bench",
             "http",
             "--json",
@@ -20,19 +21,13 @@ fn a_small_http_bench_reports_both_scenarios_and_their_ratio() {
             "300",
             "--clients",
             "4",
-        ])
-        .args(["--batch", "2", "--baseline-secs", "0.05"])
-        .env_remove("HERALD_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the herald binary starts");
-    assert!(
-        output.status.success(),
-        "herald bench http failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("the report is JSON");
+            "--batch",
+            "2",
+            "--baseline-secs",
+            "0.05",
+        ],
+    ));
+    let report: Value = serde_json::from_str(&output).expect("the report is JSON");
 
     assert_eq!(report["bench"], "http");
     assert_eq!(report["durability"], "fsync");

@@ -2,9 +2,11 @@
 //! every scenario delivered every event it published. No timing is checked: these machines
 //! are shared and noisy.
 
-use std::process::Command;
-
 use serde_json::Value;
+
+mod common;
+
+use common::{herald, success};
 
 /// The scenarios the report must hold, in order.
 const SCENARIOS: [&str; 7] = [
@@ -20,21 +22,11 @@ const SCENARIOS: [&str; 7] = [
 #[test]
 fn a_small_pubsub_bench_reports_every_scenario_fully_delivered() {
     let parent = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(parent.path())
-        .args(["bench", "pubsub", "--json", "--events", "2000"])
-        .env_remove("HERALD_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the herald binary starts");
-    assert!(
-        output.status.success(),
-        "herald bench pubsub failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("the report is JSON");
+    let output = success(herald(
+        parent.path(),
+        &["bench", "pubsub", "--json", "--events", "2000"],
+    ));
+    let report: Value = serde_json::from_str(&output).expect("the report is JSON");
 
     assert_eq!(report["bench"], "pubsub");
     assert_eq!(report["durability"], "fsync");

@@ -1,53 +1,13 @@
 //! `herald events` end to end: the real binary on a temporary data directory.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-/// Runs `herald --data-dir DIR ARGS…`, feeding `stdin` to it.
-fn herald_with_stdin(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("HERALD_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the herald binary starts");
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
+mod common;
 
-/// Runs `herald --data-dir DIR ARGS…` with empty standard input.
-fn herald(dir: &Path, args: &[&str]) -> Output {
-    herald_with_stdin(dir, args, b"")
-}
-
-/// The standard output of a run that must succeed.
-fn success(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "herald failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// The standard error of a run that must fail.
-fn failure(output: Output) -> String {
-    assert!(
-        !output.status.success(),
-        "herald should have failed; it printed {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8(output.stderr).unwrap()
-}
+use common::{failure, herald, herald_with_stdin, success};
 
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()

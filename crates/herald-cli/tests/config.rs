@@ -6,13 +6,14 @@
 //! server prints (127.0.0.2, .3 or .4), whether a 500-byte event gets 201 or 413 under the
 //! body limit, and which directory the event log is created in.
 
-mod herald_up;
-
 use std::path::Path;
-use std::process::Output;
 
-use herald_up::{HeraldUp, command, request};
+use hyper::{Method, StatusCode};
 use serde_json::json;
+
+mod common;
+
+use common::http::{Herald, command, failure_to_start};
 
 const STRUCTURED: &str = "application/cloudevents+json";
 
@@ -30,15 +31,11 @@ fn event(id: &str) -> Vec<u8> {
 }
 
 /// The status of appending [`event`] to `stream`.
-fn append_status(server: &HeraldUp, id: &str) -> u16 {
-    request(
-        server.addr(),
-        "POST",
-        "/streams/config",
-        &[("content-type", STRUCTURED)],
-        &event(id),
-    )
-    .status
+async fn append_status(server: &Herald, id: &str) -> StatusCode {
+    server
+        .post("/streams/config", STRUCTURED, event(id))
+        .await
+        .status
 }
 
 /// Writes a configuration file whose every value the tests can recognise.
@@ -58,32 +55,25 @@ fn write_file(path: &Path) {
     .unwrap();
 }
 
-/// The standard error of a `herald up` that must fail before listening.
-fn failure(output: Output) -> String {
-    assert!(
-        !output.status.success(),
-        "herald up should have failed; it printed {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    assert!(output.stdout.is_empty(), "it never listened");
-    String::from_utf8(output.stderr).unwrap()
-}
-
-#[test]
-fn the_file_in_the_working_directory_configures_herald_up() {
+#[tokio::test]
+async fn the_file_in_the_working_directory_configures_herald_up() {
     let cwd = tempfile::tempdir().unwrap();
     write_file(&cwd.path().join("herald.toml"));
 
-    let server = HeraldUp::spawn(command(cwd.path()));
+    let server = Herald::spawn(command(cwd.path()));
     assert_eq!(server.addr().ip().to_string(), "127.0.0.2");
-    assert_eq!(append_status(&server, "big"), 413, "the file's body limit");
+    assert_eq!(
+        append_status(&server, "big").await,
+        413,
+        "the file's body limit"
+    );
     assert!(server.terminate().success());
     // The file's relative data directory is relative to the file.
     assert!(cwd.path().join("file-data").is_dir());
 }
 
-#[test]
-fn the_environment_overrides_the_file_and_the_flags_override_the_environment() {
+#[tokio::test]
+async fn the_environment_overrides_the_file_and_the_flags_override_the_environment() {
     let cwd = tempfile::tempdir().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let file = elsewhere.path().join("custom.toml");
@@ -98,9 +88,13 @@ fn the_environment_overrides_the_file_and_the_flags_override_the_environment() {
         .env("HERALD_LISTEN", "127.0.0.3:0")
         .env("HERALD_BODY_SIZE_MAX_BYTES", LARGE_LIMIT.to_string())
         .env("HERALD_DATA_DIR", &env_data);
-    let server = HeraldUp::spawn(with_env);
+    let server = Herald::spawn(with_env);
     assert_eq!(server.addr().ip().to_string(), "127.0.0.3");
-    assert_eq!(append_status(&server, "a"), 201, "the environment's limit");
+    assert_eq!(
+        append_status(&server, "a").await,
+        201,
+        "the environment's limit"
+    );
     assert!(server.terminate().success());
     assert!(env_data.is_dir());
     assert!(!elsewhere.path().join("file-data").exists());
@@ -118,9 +112,9 @@ fn the_environment_overrides_the_file_and_the_flags_override_the_environment() {
         .args(["--body-size-max-bytes", &SMALL_LIMIT.to_string()])
         .arg("--data-dir")
         .arg(&flag_data);
-    let server = HeraldUp::spawn(with_flags);
+    let server = Herald::spawn(with_flags);
     assert_eq!(server.addr().ip().to_string(), "127.0.0.4");
-    assert_eq!(append_status(&server, "b"), 413, "the flag's limit");
+    assert_eq!(append_status(&server, "b").await, 413, "the flag's limit");
     assert!(server.terminate().success());
     assert!(flag_data.is_dir());
 }
@@ -133,7 +127,7 @@ fn an_unknown_key_is_refused_with_its_file_key_and_line() {
         "[server]\nlisten = \"127.0.0.1:0\"\nbody_size_max = 10\n",
     )
     .unwrap();
-    let stderr = failure(command(cwd.path()).output().unwrap());
+    let stderr = failure_to_start(command(cwd.path()).output().unwrap());
     assert!(stderr.contains("herald.toml"), "{stderr}");
     assert!(
         stderr.contains("`server.body_size_max` at line 3"),
@@ -153,7 +147,7 @@ fn an_unknown_key_is_refused_with_its_file_key_and_line() {
 #[test]
 fn a_missing_config_file_is_an_error_when_named() {
     let cwd = tempfile::tempdir().unwrap();
-    let stderr = failure(
+    let stderr = failure_to_start(
         command(cwd.path())
             .args(["--config", "nowhere.toml"])
             .output()
@@ -176,7 +170,7 @@ fn bad_tokens_are_refused_without_showing_the_secret() {
     from_env
         .args(["--listen", "127.0.0.1:0"])
         .env("HERALD_TOKENS", format!("read:ok,admin:{secret}"));
-    let stderr = failure(from_env.output().unwrap());
+    let stderr = failure_to_start(from_env.output().unwrap());
     assert!(
         stderr.contains("invalid token 2 of --token or HERALD_TOKENS"),
         "{stderr}"
@@ -189,7 +183,7 @@ fn bad_tokens_are_refused_without_showing_the_secret() {
     assert!(!stderr.contains(secret), "the secret leaked: {stderr}");
 
     for spec in [secret.to_owned(), format!("write:{secret} with spaces")] {
-        let stderr = failure(
+        let stderr = failure_to_start(
             command(cwd.path())
                 .args(["--listen", "127.0.0.1:0", "--token", &spec])
                 .output()
@@ -205,7 +199,7 @@ fn bad_tokens_are_refused_without_showing_the_secret() {
         format!("[server]\ntokens = [{{ token = \"{secret}\", scope = \"owner\" }}]\n"),
     )
     .unwrap();
-    let stderr = failure(command(cwd.path()).output().unwrap());
+    let stderr = failure_to_start(command(cwd.path()).output().unwrap());
     assert!(stderr.contains("server.tokens[0]"), "{stderr}");
     assert!(!stderr.contains(secret), "the secret leaked: {stderr}");
 
@@ -221,8 +215,8 @@ fn bad_tokens_are_refused_without_showing_the_secret() {
     assert!(!help.contains(secret), "the secret leaked: {help}");
 }
 
-#[test]
-fn tokens_from_each_layer_are_enforced_and_replace_the_lower_layers() {
+#[tokio::test]
+async fn tokens_from_each_layer_are_enforced_and_replace_the_lower_layers() {
     let cwd = tempfile::tempdir().unwrap();
     std::fs::write(
         cwd.path().join("herald.toml"),
@@ -230,9 +224,9 @@ fn tokens_from_each_layer_are_enforced_and_replace_the_lower_layers() {
          tokens = [{ token = \"file-writer\", scope = \"write\" }]\n",
     )
     .unwrap();
-    let server = HeraldUp::spawn(command(cwd.path()));
-    assert_eq!(post_as(&server, None), 401);
-    assert_eq!(post_as(&server, Some("file-writer")), 201);
+    let server = Herald::spawn(command(cwd.path()));
+    assert_eq!(post_as(&server, None).await, 401);
+    assert_eq!(post_as(&server, Some("file-writer")).await, 201);
     assert!(server.terminate().success());
 
     // The flag replaces the environment's tokens, which would replace the file's.
@@ -240,32 +234,38 @@ fn tokens_from_each_layer_are_enforced_and_replace_the_lower_layers() {
     overridden
         .env("HERALD_TOKENS", "write:env-writer,read:env-reader==")
         .args(["--token", "read:flag-reader"]);
-    let server = HeraldUp::spawn(overridden);
-    assert_eq!(post_as(&server, Some("flag-reader")), 403, "a read token");
-    assert_eq!(post_as(&server, Some("env-writer")), 401);
-    assert_eq!(post_as(&server, Some("file-writer")), 401);
-    let read = request(
-        server.addr(),
-        "GET",
-        "/all",
-        &[("authorization", "Bearer flag-reader")],
-        b"",
+    let server = Herald::spawn(overridden);
+    assert_eq!(
+        post_as(&server, Some("flag-reader")).await,
+        403,
+        "a read token"
     );
+    assert_eq!(post_as(&server, Some("env-writer")).await, 401);
+    assert_eq!(post_as(&server, Some("file-writer")).await, 401);
+    let read = server
+        .send(
+            Method::GET,
+            "/all",
+            &[("authorization", "Bearer flag-reader")],
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(read.status, 200, "{}", read.body);
     assert!(server.terminate().success());
 
     // Without the flag, the environment's tokens hold.
     let mut from_env = command(cwd.path());
     from_env.env("HERALD_TOKENS", "write:env-writer,read:env-reader==");
-    let server = HeraldUp::spawn(from_env);
-    assert_eq!(post_as(&server, Some("env-writer")), 201);
-    assert_eq!(post_as(&server, Some("env-reader==")), 403);
-    assert_eq!(post_as(&server, Some("file-writer")), 401);
+    let server = Herald::spawn(from_env);
+    assert_eq!(post_as(&server, Some("env-writer")).await, 201);
+    assert_eq!(post_as(&server, Some("env-reader==")).await, 403);
+    assert_eq!(post_as(&server, Some("file-writer")).await, 401);
     assert!(server.terminate().success());
 }
 
 /// The status of appending a small event with `token`, if any.
-fn post_as(server: &HeraldUp, token: Option<&str>) -> u16 {
+async fn post_as(server: &Herald, token: Option<&str>) -> StatusCode {
     let bearer = token.map(|token| format!("Bearer {token}"));
     let mut headers = vec![("content-type", STRUCTURED)];
     if let Some(bearer) = &bearer {
@@ -273,12 +273,9 @@ fn post_as(server: &HeraldUp, token: Option<&str>) -> u16 {
     }
     let body = json!({"specversion": "1.0", "source": "/tests", "type": "test.happened",
                       "id": format!("{token:?}-{}", server.addr())});
-    request(
-        server.addr(),
-        "POST",
-        "/streams/tokens",
-        &headers,
-        body.to_string().as_bytes(),
-    )
-    .status
+    server
+        .send(Method::POST, "/streams/tokens", &headers, body.to_string())
+        .await
+        .unwrap()
+        .status
 }

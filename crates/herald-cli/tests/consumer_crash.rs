@@ -23,18 +23,21 @@
 //! `HERALD_CONSUMER_CRASH_KILLS` changes the number of kills.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use herald_core::broker::{Publisher as _, TopicName};
-use herald_core::{Direction, Event, EventStore as _, Position, RecordedEvent};
+use herald_core::{Event, RecordedEvent};
 use herald_log::broker::{Broker, BrokerOptions};
 use herald_log::{Log, Options};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+
+mod common;
+
+use common::{env_or, herald_command, read_all, runtime_multi_thread, spawn_lines};
 
 /// Input events published before the first run.
 const INPUTS: usize = 3_000;
@@ -51,8 +54,6 @@ const PROGRESS_EVERY: usize = 50;
 const PROGRESS_BEFORE_KILL_MAX: usize = 8;
 /// A hang guard, not a synchronisation: how long one line of the consumer may take.
 const LINE_WAIT_MAX: Duration = Duration::from_secs(120);
-/// Events per read of the log during verification.
-const PAGE_LEN: usize = 1_000;
 
 #[test]
 fn a_consumer_killed_mid_stream_handles_everything_and_publishes_each_effect_once() {
@@ -70,11 +71,7 @@ fn a_consumer_killed_mid_stream_handles_everything_and_publishes_each_effect_onc
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let handled_log = dir.path().join("handled.log");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_multi_thread();
     let inputs = runtime.block_on(publish_inputs(&data));
 
     for cycle in 0..kills {
@@ -173,24 +170,15 @@ struct Consumer {
 
 impl Consumer {
     fn start(data: &Path, handled_log: &Path, expect: Option<usize>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        let mut command = herald_command(data);
         command
-            .arg("--data-dir")
-            .arg(data)
             .args(["debug", "consume", "--handled-log"])
             .arg(handled_log)
             .args(["--progress-every", &PROGRESS_EVERY.to_string()]);
         if let Some(expect) = expect {
             command.args(["--expect", &expect.to_string()]);
         }
-        let mut child = command
-            .env_remove("HERALD_DATA_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the herald binary starts");
-        let lines = read_lines(child.stdout.take().unwrap());
+        let (child, lines) = spawn_lines(command);
         Consumer { child, lines }
     }
 
@@ -230,28 +218,6 @@ impl Consumer {
         }
         (self.child.wait().unwrap(), lines)
     }
-}
-
-/// Reads complete lines from `stdout` on a thread; a partial last line (the consumer was
-/// killed while printing it) is dropped.
-fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) if !line.ends_with('\n') => return,
-                Ok(_) => {
-                    if sender.send(line).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    receiver
 }
 
 /// Checks the handled file and the `effects` topic against `inputs`; returns the number of
@@ -314,29 +280,4 @@ async fn verify(data: &Path, handled_log: &Path, inputs: &[String]) -> usize {
     assert_eq!(effects.len(), inputs.len());
     log.close().await.unwrap();
     runs.values().sum()
-}
-
-async fn read_all(log: &Log) -> Vec<RecordedEvent> {
-    let mut all = Vec::new();
-    loop {
-        let from = Position(all.len() as u64);
-        let page = log
-            .read_all(from, Direction::Forward, PAGE_LEN)
-            .await
-            .unwrap();
-        let done = page.len() < PAGE_LEN;
-        all.extend(page);
-        if done {
-            return all;
-        }
-    }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a number, not {value:?}")),
-        Err(_) => default,
-    }
 }

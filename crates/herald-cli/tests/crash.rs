@@ -18,9 +18,7 @@
 //! number of kills.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -30,14 +28,16 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Deserialize;
 
+mod common;
+
+use common::{PAGE_LEN, env_or, herald_command, read_all, runtime_multi_thread, spawn_lines};
+
 /// Kills per run, unless `HERALD_CRASH_CYCLES` says otherwise.
 const CYCLES_DEFAULT: usize = 50;
 /// The most acknowledgements read before a kill.
 const ACKS_BEFORE_KILL_MAX: usize = 40;
 /// A hang guard, not a synchronisation: how long one acknowledgement may take to arrive.
 const ACK_WAIT_MAX: Duration = Duration::from_secs(120);
-/// Events per read of the log during verification.
-const PAGE_LEN: usize = 1000;
 
 /// One line of `herald debug crash-writer`.
 #[derive(Debug, Deserialize)]
@@ -72,11 +72,7 @@ fn acknowledged_appends_survive_kill_9() {
     eprintln!("crash test: seed {seed} (set HERALD_CRASH_SEED to replay), {cycles} cycles");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_multi_thread();
     let mut acknowledged: HashMap<String, Stored> = HashMap::new();
     let mut acks_total = 0;
 
@@ -122,17 +118,9 @@ fn acknowledged_appends_survive_kill_9() {
 /// Starts a crash writer, reads `acks_wanted` acknowledgements, kills it with SIGKILL, and
 /// returns every acknowledgement it printed in full before it died.
 fn run_and_kill(dir: &Path, seed: u32, acks_wanted: usize, cycle: usize) -> Vec<AckLine> {
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["debug", "crash-writer", "--seed", &seed.to_string()])
-        .env_remove("HERALD_DATA_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the herald binary starts");
-    let lines = read_lines(child.stdout.take().unwrap());
+    let mut writer = herald_command(dir);
+    writer.args(["debug", "crash-writer", "--seed", &seed.to_string()]);
+    let (mut child, lines) = spawn_lines(writer);
     let mut acks = Vec::new();
     for _ in 0..acks_wanted {
         match lines.recv_timeout(ACK_WAIT_MAX) {
@@ -159,28 +147,6 @@ fn run_and_kill(dir: &Path, seed: u32, acks_wanted: usize, cycle: usize) -> Vec<
     // the pipe, which the kill closed.
     acks.extend(lines.iter().map(|line| parse(&line, cycle)));
     acks
-}
-
-/// Reads complete lines from `stdout` on a thread; a partial last line (the writer was
-/// killed while printing it) is dropped.
-fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) if !line.ends_with('\n') => return,
-                Ok(_) => {
-                    if sender.send(line).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    receiver
 }
 
 fn parse(line: &str, cycle: usize) -> AckLine {
@@ -305,22 +271,6 @@ async fn verify(dir: &Path, acknowledged: &HashMap<String, Stored>, cycle: usize
         .unwrap_or_else(|error| panic!("cycle {cycle}: close failed: {error}"));
 }
 
-async fn read_all(log: &Log) -> Vec<RecordedEvent> {
-    let mut all = Vec::new();
-    loop {
-        let from = Position(all.len() as u64);
-        let page = log
-            .read_all(from, Direction::Forward, PAGE_LEN)
-            .await
-            .unwrap();
-        let done = page.len() < PAGE_LEN;
-        all.extend(page);
-        if done {
-            return all;
-        }
-    }
-}
-
 async fn read_stream(log: &Log, stream: &herald_core::StreamName) -> Vec<RecordedEvent> {
     let mut records = Vec::new();
     loop {
@@ -334,14 +284,5 @@ async fn read_stream(log: &Log, stream: &herald_core::StreamName) -> Vec<Recorde
         if done {
             return records;
         }
-    }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a number, not {value:?}")),
-        Err(_) => default,
     }
 }

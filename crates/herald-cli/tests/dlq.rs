@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{failure, herald, success};
+use common::{failure, herald, runtime_current_thread, success};
 
 /// The record of event `id` dead-lettered by the `billing` group.
 fn dead_letter(id: &str, reason: &str, error_kind: ErrorKind, attempts: u32) -> DeadLetter {
@@ -37,10 +37,7 @@ fn dead_letter(id: &str, reason: &str, error_kind: ErrorKind, attempts: u32) -> 
 /// A data directory holding two dead letters of group `billing`, the log closed again.
 fn populated() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_current_thread();
     runtime.block_on(async {
         let log = Arc::new(Log::open(Options::new(dir.path())).unwrap());
         let store = EventStoreDeadLetters::new(Arc::clone(&log) as Arc<dyn EventStore>);

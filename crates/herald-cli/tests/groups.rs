@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{failure, herald, success};
+use common::{failure, herald, runtime_current_thread, success};
 
 /// `count` events whose keys land in `partition` of 2.
 fn events_in(partition: u32, count: usize) -> Vec<Event> {
@@ -27,10 +27,7 @@ fn events_in(partition: u32, count: usize) -> Vec<Event> {
 /// group `billing` acked all of partition 0 and the first 2 of partition 1; the log closed.
 fn populated() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_current_thread();
     runtime.block_on(async {
         let log = Log::open(Options::new(dir.path())).unwrap();
         let broker = Broker::new(log.clone(), BrokerOptions::default());

@@ -2,7 +2,6 @@
 //! every error, hostile input, and a graceful SIGTERM after which the data is on disk.
 
 use std::io::{BufRead as _, BufReader};
-use std::process::Command;
 
 use herald_core::{Direction, EventStore as _, Position, StreamName, Version};
 use herald_log::{Log, Options};
@@ -12,7 +11,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::http::{Herald, Reply};
+use common::http::{Herald, Reply, command, failure_to_start};
 
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
@@ -115,7 +114,7 @@ async fn every_endpoint_works_and_sigterm_keeps_the_data() {
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     assert_problem(&herald.get("/streams/other").await, StatusCode::NOT_FOUND);
 
-    assert!(herald.terminate(), "herald up exits 0 on SIGTERM");
+    assert!(herald.terminate().success(), "herald up exits 0 on SIGTERM");
 
     // The log was closed cleanly: it opens again, with every acknowledged event.
     let log = Log::open(Options::new(dir.path())).unwrap();
@@ -263,7 +262,7 @@ async fn errors_are_problem_documents_and_hostile_input_stores_nothing() {
         .unwrap();
     assert_problem(&reply, StatusCode::CONFLICT);
     assert_eq!(reply.body["actual"], 0);
-    assert!(herald.terminate());
+    assert!(herald.terminate().success());
 }
 
 #[tokio::test]
@@ -273,7 +272,7 @@ async fn a_request_in_flight_at_sigterm_is_answered_and_stored() {
     let dir = tempfile::tempdir().unwrap();
     let herald = Herald::start(dir.path(), &[]);
     let body = event("late").to_string();
-    let mut socket = std::net::TcpStream::connect(herald.addr).unwrap();
+    let mut socket = std::net::TcpStream::connect(herald.addr()).unwrap();
     write!(
         socket,
         "POST /streams/late HTTP/1.1\r\nhost: herald\r\ncontent-type: {STRUCTURED}\r\n\
@@ -288,13 +287,11 @@ async fn a_request_in_flight_at_sigterm_is_answered_and_stored() {
     assert!(line.starts_with("HTTP/1.1 100"), "{line:?}");
     reader.read_line(&mut line).unwrap();
 
-    let pid = herald.child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
+    herald.sigterm();
     // Once the server stops accepting connections, it is shutting down; only then does the
     // body go out, so the request is answered during the shutdown, not before it.
     let mut attempts = 0u64;
-    while std::net::TcpStream::connect(herald.addr).is_ok() {
+    while std::net::TcpStream::connect(herald.addr()).is_ok() {
         attempts += 1;
         assert!(
             attempts < CONNECT_ATTEMPTS_MAX,
@@ -305,7 +302,7 @@ async fn a_request_in_flight_at_sigterm_is_answered_and_stored() {
     let mut response = String::new();
     reader.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 201"), "{response}");
-    assert!(herald.terminate_sent(), "herald up exits 0 after answering");
+    assert!(herald.wait().success(), "herald up exits 0 after answering");
 
     let log = Log::open(Options::new(dir.path())).unwrap();
     let stored = log
@@ -325,15 +322,12 @@ async fn a_request_in_flight_at_sigterm_is_answered_and_stored() {
 async fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let herald = Herald::start(dir.path(), &[]);
-    let second = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("up")
+    let second = command(dir.path())
         .env("HERALD_LISTEN", "127.0.0.1:0")
         .env("HERALD_DATA_DIR", dir.path())
         .output()
         .unwrap();
-    assert!(!second.status.success());
-    assert!(second.stdout.is_empty(), "it never listened");
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    let stderr = failure_to_start(second);
     assert!(stderr.contains("cannot open the event log"), "{stderr}");
-    assert!(herald.terminate());
+    assert!(herald.terminate().success());
 }

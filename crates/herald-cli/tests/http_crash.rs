@@ -26,16 +26,12 @@
 //! `HERALD_CRASH_SEED` replays a run (the seed is printed); `HERALD_HTTP_CRASH_CYCLES`
 //! changes the number of kills.
 
-mod herald_up;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use herald_up::{HeraldUp, command};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -45,6 +41,11 @@ use hyper_util::rt::TokioExecutor;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
+
+mod common;
+
+use common::http::Herald;
+use common::{env_or, runtime_multi_thread};
 
 /// Kills per run, unless `HERALD_HTTP_CRASH_CYCLES` says otherwise.
 const CYCLES_DEFAULT: u64 = 20;
@@ -105,13 +106,9 @@ fn acknowledged_http_appends_survive_kill_9() {
     eprintln!("http crash test: seed {seed} (set HERALD_CRASH_SEED to replay), {cycles} cycles");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_multi_thread();
 
-    let mut server = start(dir.path());
+    let mut server = Herald::start(dir.path(), &[]);
     let (generation, receiver) = tokio::sync::watch::channel(Generation {
         index: 0,
         addr: server.addr(),
@@ -130,7 +127,7 @@ fn acknowledged_http_appends_survive_kill_9() {
     for cycle in 1..=cycles {
         wait_for_acks(&shared, rng.gen_range(1..=ACKS_BEFORE_KILL_MAX));
         server.kill_9();
-        server = start(dir.path());
+        server = Herald::start(dir.path(), &[]);
         generation.send_replace(Generation {
             index: cycle,
             addr: server.addr(),
@@ -144,16 +141,9 @@ fn acknowledged_http_appends_survive_kill_9() {
         .collect();
     assert!(server.terminate().success(), "herald up exits 0 on SIGTERM");
 
-    let server = start(dir.path());
+    let server = Herald::start(dir.path(), &[]);
     runtime.block_on(verify(&shared.client, server.addr(), &outcomes));
     assert!(server.terminate().success());
-}
-
-/// Starts `herald up` on `dir`, on a free loopback port.
-fn start(dir: &Path) -> HeraldUp {
-    let mut up = command(dir);
-    up.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir);
-    HeraldUp::spawn(up)
 }
 
 /// Waits until the clients got `more` new `201`s.
@@ -444,15 +434,4 @@ async fn verify(client: &HttpClient, addr: SocketAddr, outcomes: &[Outcome]) {
         acked_events > 0,
         "nothing was acknowledged: the test checked nothing"
     );
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|value| {
-            value
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={value:?} is not a number"))
-        })
-        .unwrap_or(default)
 }

@@ -20,8 +20,6 @@
 //! Without `python3` or the SDK the test prints `skipped: …` and passes, unless
 //! `HERALD_REQUIRE_SERVICES=1`, under which it fails.
 
-mod herald_up;
-
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::Command;
@@ -30,8 +28,12 @@ use chrono::DateTime;
 use herald_core::event::{Data, ExtensionValue};
 use herald_core::{Direction, EventStore as _, RecordedEvent, StreamName, Version};
 use herald_log::{Log, Options};
-use herald_up::{HeraldUp, command};
 use serde_json::{Value, json};
+
+mod common;
+
+use common::http::Herald;
+use common::runtime_current_thread;
 
 const PYTHON: &str = "python3";
 
@@ -185,10 +187,7 @@ fn python_sdk_appends_over_http_and_reads_back_intact() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut up = command(dir.path());
-    up.args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path());
-    let server = HeraldUp::spawn(up);
+    let server = Herald::start(dir.path(), &[]);
 
     let output = Command::new(PYTHON)
         .args(["-c", SCRIPT, &format!("http://{}", server.addr())])
@@ -214,10 +213,7 @@ fn python_sdk_appends_over_http_and_reads_back_intact() {
     assert!(server.terminate().success(), "herald up exits 0 on SIGTERM");
 
     // What is on disk, read by Rust.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime_current_thread();
     runtime.block_on(async {
         let log = Log::open(Options::new(dir.path())).unwrap();
         for mode in ["structured", "binary"] {

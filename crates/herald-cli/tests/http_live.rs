@@ -214,7 +214,7 @@ async fn readers_that_reconnect_with_last_event_id_see_every_event_once_in_order
     );
 
     let herald = Arc::into_inner(herald).expect("no reader or writer holds the server");
-    assert!(herald.terminate(), "herald up exits 0 on SIGTERM");
+    assert!(herald.terminate().success(), "herald up exits 0 on SIGTERM");
 }
 
 #[tokio::test]
@@ -239,16 +239,12 @@ async fn sigterm_ends_live_responses_and_herald_exits() {
         assert_eq!(reader.next().await.unwrap().id.as_deref(), Some("0"));
     }
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &herald.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    herald.sigterm();
     for reader in &mut readers {
         assert_eq!(reader.next().await, None, "SIGTERM ends the live response");
     }
     assert!(
-        herald.terminate_sent(),
+        herald.wait().success(),
         "herald up exits 0 with live clients"
     );
 }
@@ -324,7 +320,7 @@ async fn metrics_and_the_openapi_document_are_served() {
             route.path
         );
     }
-    assert!(herald.terminate());
+    assert!(herald.terminate().success());
 }
 
 fn assert_refused(reply: &Reply, status: StatusCode, kind: &str) {
@@ -422,5 +418,5 @@ async fn herald_tokens_protect_the_api() {
     assert_eq!(metrics.status, StatusCode::OK);
     assert_eq!(herald.get("/healthz").await.status, StatusCode::OK);
     assert_eq!(herald.get("/readyz").await.status, StatusCode::OK);
-    assert!(herald.terminate());
+    assert!(herald.terminate().success());
 }

@@ -378,12 +378,22 @@ impl Server {
 }
 
 /// What every handler shares.
+///
+/// axum clones the state for every request (and for every layer that extracts it), so its
+/// contents sit behind one `Arc`: a clone is one reference-count increment, whatever
+/// [`Shared`] holds.
 #[derive(Clone)]
-struct AppState {
+struct AppState(Arc<Shared>);
+
+// A field added next to the `Arc` would make every request's clone dearer again.
+const _: () = assert!(std::mem::size_of::<AppState>() == std::mem::size_of::<usize>());
+
+/// The contents of [`AppState`], read through its `Deref`.
+struct Shared {
     store: Arc<dyn EventStore>,
     body_size_max_bytes: usize,
     /// Accepted bearer tokens; empty: authentication is off.
-    tokens: Arc<[Token]>,
+    tokens: Box<[Token]>,
     /// Where `/metrics` renders from; `None`: another kind of recorder is installed.
     metrics: Option<PrometheusHandle>,
     /// Cancelled when the server starts shutting down; ends the live responses.
@@ -397,13 +407,21 @@ impl AppState {
         metrics: Option<PrometheusHandle>,
         stopping: CancellationToken,
     ) -> Self {
-        AppState {
+        AppState(Arc::new(Shared {
             store,
             body_size_max_bytes: options.body_size_max_bytes,
             tokens: options.tokens.iter().cloned().collect(),
             metrics,
             stopping,
-        }
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 

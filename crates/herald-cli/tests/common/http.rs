@@ -1,10 +1,15 @@
-//! A running `herald up` and a keep-alive HTTP client to it, for the tests that talk to the
-//! real process; and a reader of Server-Sent Events.
+//! A real `herald up` process on a free port, with a keep-alive HTTP client to it, for the
+//! tests that configure it, talk to it, `kill -9` it or stop it with SIGTERM; and a reader of
+//! Server-Sent Events.
+//!
+//! Contract: a [`Herald`] is listening once it is returned (it printed its `{"listen": …}`
+//! line), and its process is killed and reaped when it is dropped, so that a failed test
+//! leaves no server behind. The client needs a tokio runtime only when a request is sent.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
@@ -14,22 +19,44 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-/// The `herald up` settings read from the environment, removed so that the caller's
-/// environment cannot change a test.
-const HERALD_ENV: [&str; 5] = [
-    "HERALD_LISTEN",
-    "HERALD_DATA_DIR",
-    "HERALD_TOKENS",
+/// The variables `herald up` reads; the tests set the ones they mean and remove the rest, so
+/// that the developer's own environment cannot change what a test sees.
+pub const HERALD_VARIABLES: [&str; 6] = [
     "HERALD_CONFIG",
+    "HERALD_DATA_DIR",
+    "HERALD_LISTEN",
     "HERALD_BODY_SIZE_MAX_BYTES",
+    "HERALD_TOKENS",
+    "RUST_LOG",
 ];
+
+/// `herald up` run in `cwd`, with none of [`HERALD_VARIABLES`] set; add flags and variables
+/// before [`Herald::spawn`], or run it to completion for a start that must fail.
+pub fn command(cwd: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    command.arg("up").current_dir(cwd);
+    for variable in HERALD_VARIABLES {
+        command.env_remove(variable);
+    }
+    command
+}
+
+/// The standard error of a `herald up` (run with `command(…).output()`) that must fail
+/// before listening.
+pub fn failure_to_start(output: Output) -> String {
+    assert!(
+        !output.status.success(),
+        "herald up should have failed; it printed {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(output.stdout.is_empty(), "it never listened");
+    String::from_utf8(output.stderr).expect("the error of herald up is UTF-8")
+}
 
 /// A running `herald up` and a keep-alive client to it.
 pub struct Herald {
-    /// The process.
-    pub child: Child,
-    /// Where it listens.
-    pub addr: SocketAddr,
+    child: Child,
+    addr: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -47,42 +74,83 @@ pub struct Reply {
 }
 
 impl Herald {
-    /// Starts `herald up` on a free port of the loopback and reads the address it prints.
+    /// Starts `herald up ARGS…` on a free port of the loopback, with `dir` as its data
+    /// directory and working directory.
     pub fn start(dir: &Path, args: &[&str]) -> Herald {
         Herald::start_with_env(dir, args, &[])
     }
 
     /// [`Herald::start`] with `env` set in the process's environment.
     pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Herald {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-        command
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut up = command(dir);
+        up.args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
-            .args(args)
-            .current_dir(dir);
-        for name in HERALD_ENV {
-            command.env_remove(name);
-        }
+            .args(args);
         for (name, value) in env {
-            command.env(name, value);
+            up.env(name, value);
         }
+        Herald::spawn(up)
+    }
+
+    /// Spawns `command` (see [`command`]) and reads the address it prints once listening;
+    /// panics, with what the process printed, if it exits instead.
+    pub fn spawn(mut command: Command) -> Herald {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("herald up starts");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
+        BufReader::new(child.stdout.take().expect("stdout is piped"))
             .read_line(&mut line)
-            .unwrap();
+            .expect("the output of herald up is readable");
+        if line.is_empty() {
+            let status = child.wait().expect("herald up exits");
+            panic!("herald up exited ({status}) before listening; its error is above");
+        }
         let printed: Value = serde_json::from_str(&line)
             .unwrap_or_else(|error| panic!("herald up printed {line:?}: {error}"));
-        let addr = printed["listen"].as_str().unwrap().parse().unwrap();
+        let addr = printed["listen"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("herald up printed no address: {line:?}"));
         Herald {
             child,
             addr,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills it with SIGKILL and reaps it: no shutdown, no sync, no unlock.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL is delivered");
+        self.child.wait().expect("herald up is reaped");
+    }
+
+    /// Sends SIGTERM and waits for it to exit.
+    pub fn terminate(self) -> ExitStatus {
+        self.sigterm();
+        self.wait()
+    }
+
+    /// Sends SIGTERM and returns at once, so that a test can watch the shutdown; then
+    /// [`Herald::wait`].
+    pub fn sigterm(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM is delivered");
+    }
+
+    /// Waits for it to exit, after [`Herald::sigterm`].
+    pub fn wait(mut self) -> ExitStatus {
+        self.child.wait().expect("herald up exits")
     }
 
     /// Sends a request and reads the whole response.
@@ -147,26 +215,12 @@ impl Herald {
             .await
             .unwrap()
     }
-
-    /// Sends SIGTERM and waits for the process to exit; true when it exited with status 0.
-    pub fn terminate(self) -> bool {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        self.terminate_sent()
-    }
-
-    /// Waits for the process to exit after a SIGTERM; true when it exited with status 0.
-    pub fn terminate_sent(mut self) -> bool {
-        self.child.wait().unwrap().success()
-    }
 }
 
 impl Drop for Herald {
     fn drop(&mut self) {
-        // A failed test must not leave a server behind; after `terminate` this is a no-op.
+        // A failed test must not leave a server behind; after `kill_9`, `terminate` or
+        // `wait` the process is already reaped and this does nothing.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
