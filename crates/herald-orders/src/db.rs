@@ -1,0 +1,425 @@
+//! A service's own SQLite database, and its writer: one connection that commits the
+//! transactions of many concurrent handlers together (group commit).
+//!
+//! # Contract
+//!
+//! - [`Db::write`] runs a job in a transaction and returns its output only once that
+//!   transaction has **committed** (synced, per [`Durability`]). A job that fails gets its
+//!   error and leaves no write: the batch is rolled back and run again without it, so the
+//!   other jobs are unaffected (a job may therefore run more than once before it commits,
+//!   which is why it must be `Clone` and have no effect outside its transaction). A commit
+//!   that fails fails every job of the batch; none of their writes stand.
+//! - The writer takes the jobs queued when it starts a batch, up to
+//!   [`DbOptions::write_batch_len_max`], and runs them one after another in one `BEGIN
+//!   IMMEDIATE` transaction. Handlers of different keys run in parallel, so under load
+//!   their jobs share the commit's sync instead of paying one each; a lone job commits
+//!   alone, at once.
+//! - Jobs of one batch see each other's writes in queue order, as if committed one by one.
+//! - After each commit the writer wakes the service's outbox relay, so events written by a
+//!   job are published without waiting for the relay's next poll.
+//! - Reads go through [`Db::pool`] (write-ahead log: readers never wait for the writer).
+//!
+//! The writer stops when its stop token is cancelled, after running the jobs already queued;
+//! later writes fail with [`Error::Closed`].
+
+use std::any::Any;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection as _, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+/// When a committed write of a service's database is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// After the commit is synced to disk (SQLite `synchronous = FULL`): it survives a
+    /// power loss.
+    #[default]
+    Fsync,
+    /// After the commit reaches the operating system (SQLite `synchronous = NORMAL` in WAL
+    /// mode): it survives a crash of the process (`kill -9`), not a power loss.
+    Os,
+}
+
+/// The bounds of a service database. Every bound is named with its unit last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DbOptions {
+    /// When a commit is acknowledged.
+    pub durability: Durability,
+    /// Connections for reads (HTTP queries, the outbox relay), besides the writer's.
+    pub read_connections_max: u32,
+    /// The most jobs committed in one transaction.
+    pub write_batch_len_max: usize,
+    /// Jobs waiting for the writer; further writers wait for room (backpressure).
+    pub write_queue_len_max: usize,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            durability: Durability::Fsync,
+            read_connections_max: 4,
+            write_batch_len_max: 256,
+            write_queue_len_max: 1_024,
+        }
+    }
+}
+
+/// Why an operation on a service's database failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A statement failed.
+    #[error("database operation failed")]
+    Sql(#[from] sqlx::Error),
+    /// The outbox or the inbox failed.
+    #[error("outbox or inbox operation failed")]
+    Herald(#[from] herald_sql::Error),
+    /// Applying the migrations failed.
+    #[error("migrating the database failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The commit of the batch the job ran in failed; its writes do not stand.
+    #[error("committing the transaction failed")]
+    Commit(#[source] Arc<sqlx::Error>),
+    /// The writer has stopped (the system is shutting down).
+    #[error("the database writer has stopped")]
+    Closed,
+    /// Stored data breaks an invariant the schema does not enforce.
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// A job's transaction: the batch's.
+pub(crate) type Tx<'c> = Transaction<'c, Sqlite>;
+
+type Output = Result<Box<dyn Any + Send>, Error>;
+type RunJob = Box<dyn for<'t, 'c> FnMut(&'t mut Tx<'c>) -> BoxFuture<'t, Output> + Send>;
+
+struct Job {
+    run: RunJob,
+    reply: oneshot::Sender<Output>,
+}
+
+/// A service's database: a pool for reads and the writer's queue. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Db {
+    pool: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The writer of a [`Db`], before it runs.
+pub(crate) struct Writer {
+    conn: SqliteConnection,
+    jobs: mpsc::Receiver<Job>,
+    batch_len_max: usize,
+    name: &'static str,
+}
+
+/// Migrations compiled into the binary: `(version, description, sql)`.
+pub(crate) type Migrations = &'static [(i64, &'static str, &'static str)];
+
+/// The connection options of the database file at `path`: Herald's SQLite settings (WAL,
+/// busy timeout), with the sync level of `durability`.
+pub(crate) fn connect_options(path: &Path, durability: Durability) -> SqliteConnectOptions {
+    let synchronous = match durability {
+        Durability::Fsync => SqliteSynchronous::Full,
+        Durability::Os => SqliteSynchronous::Normal,
+    };
+    herald_sql::sqlite_connect_options(path).synchronous(synchronous)
+}
+
+impl Db {
+    /// Opens (creating it if needed) the database at `path`, applies Herald's migrations
+    /// (outbox, inbox) and `migrations`, and returns it with its writer, to be spawned.
+    pub(crate) async fn open(
+        path: &Path,
+        name: &'static str,
+        options: &DbOptions,
+        migrations: Migrations,
+    ) -> Result<(Db, Writer), Error> {
+        let connect = connect_options(path, options.durability);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.read_connections_max.max(1))
+            .connect_with(connect.clone())
+            .await?;
+        herald_sql::migrate(&pool).await?;
+        let mut migrator = Migrator::new(Embedded(migrations)).await?;
+        // Herald's own migrations are recorded in the same table.
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
+        let conn = SqliteConnection::connect_with(&connect).await?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(options.write_queue_len_max.max(1));
+        Ok((
+            Db {
+                pool,
+                jobs: jobs_tx,
+            },
+            Writer {
+                conn,
+                jobs: jobs_rx,
+                batch_len_max: options.write_batch_len_max.max(1),
+                name,
+            },
+        ))
+    }
+
+    /// The pool for reads.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Runs `job` in a transaction of the writer; returns its output once committed. See
+    /// the [module documentation](self).
+    pub(crate) async fn write<T, F>(&self, job: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> BoxFuture<'t, Result<T, Error>>
+            + Clone
+            + Send
+            + 'static,
+    {
+        let run: RunJob = Box::new(move |tx| {
+            let job = job.clone();
+            Box::pin(async move {
+                let output = job(tx).await?;
+                Ok(Box::new(output) as Box<dyn Any + Send>)
+            })
+        });
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { run, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        let output = answer.await.map_err(|_| Error::Closed)??;
+        Ok(*output
+            .downcast::<T>()
+            .expect("a job's output is the type its caller gave"))
+    }
+
+    /// Closes the read pool.
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl Writer {
+    /// Spawns the writer; it wakes `relay` (if any) after each commit and stops when `stop`
+    /// is cancelled, after the jobs already queued.
+    pub(crate) fn spawn(
+        self,
+        relay: Option<herald_sql::relay::Handle>,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let name = self.name;
+        tokio::spawn(self.run(relay, stop).instrument(tracing::info_span!(
+            "herald.orders.db_writer",
+            service = name
+        )))
+    }
+
+    async fn run(mut self, relay: Option<herald_sql::relay::Handle>, stop: CancellationToken) {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.batch_len_max);
+        let mut stopping = false;
+        loop {
+            let first = if stopping {
+                self.jobs.recv().await
+            } else {
+                tokio::select! {
+                    job = self.jobs.recv() => job,
+                    () = stop.cancelled() => {
+                        // Refuse new jobs; the queued ones still run.
+                        self.jobs.close();
+                        stopping = true;
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = first else { break };
+            batch.push(first);
+            while batch.len() < self.batch_len_max {
+                match self.jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let jobs = batch.len();
+            let started = std::time::Instant::now();
+            commit(&mut self.conn, &mut batch).await;
+            tracing::trace!(
+                jobs,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "committed a write batch"
+            );
+            if let Some(relay) = &relay {
+                relay.wake();
+            }
+        }
+        if let Err(error) = self.conn.close().await {
+            tracing::warn!(error = %error, "closing the writer's connection failed");
+        }
+    }
+}
+
+/// Runs `batch` in one transaction and answers every job: a job that fails is answered
+/// with its error and the batch runs again without it (jobs rarely fail, so a batch rarely
+/// runs twice, and no job pays for a savepoint).
+async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
+    let mut jobs = std::mem::take(batch);
+    while !jobs.is_empty() {
+        match run_batch(conn, &mut jobs).await {
+            Ok(Ok(outputs)) => {
+                for (job, output) in jobs.drain(..).zip(outputs) {
+                    // A caller that gave up (its handler was aborted) needs no answer.
+                    let _ = job.reply.send(Ok(output));
+                }
+            }
+            Ok(Err((failed, error))) => {
+                let job = jobs.remove(failed);
+                let _ = job.reply.send(Err(error));
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, jobs = jobs.len(), "a write batch failed to commit");
+                let error = Arc::new(error);
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(Error::Commit(Arc::clone(&error))));
+                }
+            }
+        }
+    }
+}
+
+/// The outputs of a committed batch.
+type Committed = Vec<Box<dyn Any + Send>>;
+
+/// Runs `jobs` in one transaction: their outputs once committed, or the index and error
+/// of the first job that failed (the transaction rolled back); fails if the database
+/// does.
+async fn run_batch(
+    conn: &mut SqliteConnection,
+    jobs: &mut [Job],
+) -> Result<Result<Committed, (usize, Error)>, sqlx::Error> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut outputs = Vec::with_capacity(jobs.len());
+    for (index, job) in jobs.iter_mut().enumerate() {
+        match (job.run)(&mut tx).await {
+            Ok(output) => outputs.push(output),
+            Err(error) => {
+                tx.rollback().await?;
+                return Ok(Err((index, error)));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(Ok(outputs))
+}
+
+/// Migrations compiled into the binary.
+#[derive(Debug)]
+struct Embedded(Migrations);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        let migrations = self
+            .0
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect();
+        Box::pin(async move { Ok(migrations) })
+    }
+}
+
+/// Milliseconds since the Unix epoch, as the services store times.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A time stored by [`now_ms`], as RFC 3339.
+pub(crate) fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+    use futures::stream::FuturesUnordered;
+
+    use super::*;
+
+    const MIGRATIONS: Migrations = &[(1, "rows", "CREATE TABLE rows (n INTEGER PRIMARY KEY);")];
+
+    fn insert(
+        n: i64,
+    ) -> impl for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> BoxFuture<'t, Result<i64, Error>> + Clone {
+        move |tx| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO rows (n) VALUES (?1)")
+                    .bind(n)
+                    .execute(&mut **tx)
+                    .await?;
+                if n % 7 == 0 {
+                    return Err(Error::Inconsistent(format!("{n} is refused")));
+                }
+                Ok(n)
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_job_leaves_no_write_and_its_batch_commits_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, writer) = Db::open(
+            &dir.path().join("test.sqlite"),
+            "test",
+            &DbOptions::default(),
+            MIGRATIONS,
+        )
+        .await
+        .unwrap();
+        // Every job is queued before the writer starts, so they all share one batch.
+        let mut writes: FuturesUnordered<_> = (1..=200).map(|n| db.write(insert(n))).collect();
+        assert!(futures::poll!(writes.next()).is_pending());
+        let stop = CancellationToken::new();
+        let writer = writer.spawn(None, stop.clone());
+        let mut committed = Vec::new();
+        let mut refused = 0;
+        while let Some(result) = writes.next().await {
+            match result {
+                Ok(n) => committed.push(n),
+                Err(Error::Inconsistent(_)) => refused += 1,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!(refused, 200 / 7);
+        committed.sort_unstable();
+        let stored: Vec<i64> = sqlx::query_scalar("SELECT n FROM rows ORDER BY n")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, committed);
+        assert!(stored.iter().all(|n| n % 7 != 0));
+        assert_eq!(stored.len(), 200 - 200 / 7);
+
+        stop.cancel();
+        writer.await.unwrap();
+        assert!(matches!(db.write(insert(1_000)).await, Err(Error::Closed)));
+    }
+}
