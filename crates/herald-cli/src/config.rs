@@ -13,6 +13,13 @@
 //! listen = "127.0.0.1:8080"
 //! body_size_max_bytes = 4194304
 //! tokens = [{ token = "s3cret", scope = "write" }, { token = "r3ader", scope = "read" }]
+//!
+//! [orders]                          # the order system (herald_orders::SystemOptions)
+//! enabled = true                    # false: the event API only (as --no-orders)
+//! fail_payment_rate = 0.0           # share of charges declined at random, 0 to 1
+//! transient_error_rate = 0.0        # share of gateway calls failing transiently, 0 to 1
+//! seed = 42                         # seeds the gateway's draws and the retry jitter
+//! partitions = 8                    # partitions of the `orders` topic, when created
 //! ```
 //!
 //! Every key is optional; an unknown key is an error, never ignored.
@@ -54,6 +61,12 @@ pub(crate) struct Overrides {
     pub(crate) body_size_max_bytes: Option<usize>,
     /// `--token` (repeatable) / `HERALD_TOKENS` (comma-separated).
     pub(crate) tokens: Vec<TokenSpec>,
+    /// `--no-orders` / `HERALD_NO_ORDERS`: `true` turns the order system off.
+    pub(crate) no_orders: bool,
+    /// `--fail-payment-rate` / `HERALD_FAIL_PAYMENT_RATE`.
+    pub(crate) fail_payment_rate: Option<f64>,
+    /// `--transient-error-rate` / `HERALD_TRANSIENT_ERROR_RATE`.
+    pub(crate) transient_error_rate: Option<f64>,
 }
 
 /// The settings `herald up` runs with, each from the strongest layer that gives it.
@@ -65,6 +78,52 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// The HTTP server's options.
     pub(crate) server: ServerOptions,
+    /// The order system's settings.
+    pub(crate) orders: OrdersConfig,
+}
+
+/// The `[orders]` table: the order system `herald up` runs next to the event API. The rates
+/// are checked (0 to 1) when the system is built.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct OrdersConfig {
+    /// Whether the order system runs; `false` serves the event API only.
+    pub(crate) enabled: bool,
+    /// [`herald_orders::SystemOptions::fail_payment_rate`].
+    pub(crate) fail_payment_rate: f64,
+    /// [`herald_orders::SystemOptions::transient_error_rate`].
+    pub(crate) transient_error_rate: f64,
+    /// [`herald_orders::SystemOptions::seed`].
+    pub(crate) seed: u64,
+    /// [`herald_orders::SystemOptions::partitions`].
+    pub(crate) partitions: u32,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        let defaults = herald_orders::SystemOptions::default();
+        OrdersConfig {
+            enabled: true,
+            fail_payment_rate: defaults.fail_payment_rate,
+            transient_error_rate: defaults.transient_error_rate,
+            seed: defaults.seed,
+            partitions: defaults.partitions,
+        }
+    }
+}
+
+impl OrdersConfig {
+    /// The order system's options on `data_dir`, the rest at their defaults.
+    pub(crate) fn system_options(&self, data_dir: &Path) -> herald_orders::SystemOptions {
+        herald_orders::SystemOptions {
+            data_dir: data_dir.to_owned(),
+            fail_payment_rate: self.fail_payment_rate,
+            transient_error_rate: self.transient_error_rate,
+            seed: self.seed,
+            partitions: self.partitions,
+            ..herald_orders::SystemOptions::default()
+        }
+    }
 }
 
 /// A `SCOPE:TOKEN` as given on the command line or in `HERALD_TOKENS`, not yet checked.
@@ -142,7 +201,9 @@ impl Error {
             Error::Invalid { path, key, .. } => format!(
                 "fix {} in {}: the file may hold `data_dir` and a [server] table with \
                  `listen`, `body_size_max_bytes` and `tokens = [{{ token = \"...\", scope = \
-                 \"read\" }}]` (scope `read` or `write`), nothing else",
+                 \"read\" }}]` (scope `read` or `write`), and an [orders] table with `enabled`, \
+                 `fail_payment_rate`, `transient_error_rate`, `seed` and `partitions`, nothing \
+                 else",
                 key.as_deref()
                     .map_or_else(|| "the error".to_owned(), |key| format!("`{key}`")),
                 path.display()
@@ -214,10 +275,21 @@ pub(crate) fn resolve(overrides: Overrides) -> Result<Config, Error> {
             })
             .collect::<Result<_, _>>()?;
     }
+    let mut orders = file.orders;
+    if overrides.no_orders {
+        orders.enabled = false;
+    }
+    if let Some(rate) = overrides.fail_payment_rate {
+        orders.fail_payment_rate = rate;
+    }
+    if let Some(rate) = overrides.transient_error_rate {
+        orders.transient_error_rate = rate;
+    }
     Ok(Config {
         file: path,
         data_dir,
         server,
+        orders,
     })
 }
 
@@ -227,6 +299,7 @@ pub(crate) fn resolve(overrides: Overrides) -> Result<Config, Error> {
 struct File {
     data_dir: Option<PathBuf>,
     server: ServerOptions,
+    orders: OrdersConfig,
 }
 
 /// Parses the file's text.
@@ -415,6 +488,56 @@ mod tests {
         );
         let empty = file("").unwrap();
         assert_eq!(empty.server, ServerOptions::default());
+    }
+
+    #[test]
+    fn the_orders_table_sets_the_order_system_and_flags_override_it() {
+        let empty = file("").unwrap();
+        assert_eq!(empty.orders, OrdersConfig::default());
+        assert!(empty.orders.enabled);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("herald.toml");
+        std::fs::write(
+            &path,
+            "[orders]\nenabled = true\nfail_payment_rate = 0.25\ntransient_error_rate = 0.5\n\
+             seed = 7\npartitions = 3\n",
+        )
+        .unwrap();
+        let from_file = resolve(Overrides {
+            config: Some(path.clone()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(
+            from_file.orders,
+            OrdersConfig {
+                enabled: true,
+                fail_payment_rate: 0.25,
+                transient_error_rate: 0.5,
+                seed: 7,
+                partitions: 3,
+            }
+        );
+        let options = from_file.orders.system_options(Path::new("data"));
+        assert_eq!(options.data_dir, Path::new("data"));
+        assert_eq!(options.fail_payment_rate, 0.25);
+        assert_eq!(options.partitions, 3);
+
+        let overridden = resolve(Overrides {
+            config: Some(path),
+            no_orders: true,
+            fail_payment_rate: Some(0.0),
+            transient_error_rate: Some(0.1),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert!(!overridden.orders.enabled);
+        assert_eq!(overridden.orders.fail_payment_rate, 0.0);
+        assert_eq!(overridden.orders.transient_error_rate, 0.1);
+        assert_eq!(overridden.orders.seed, 7);
+
+        let error = file("[orders]\nfail_rate = 1\n").unwrap_err().to_string();
+        assert!(error.contains("`orders.fail_rate`"), "{error}");
     }
 
     #[test]

@@ -8,24 +8,36 @@
 //! a consumer with the default pipeline and a durable idempotency store, whose handler
 //! writes each input's id to a file (synced) before it publishes one output event, so the
 //! test can count handler runs and compare them with the outputs the topic holds.
+//!
+//! `herald debug relay` is the process that `tests/outbox_crash.rs` kills with SIGKILL: an
+//! outbox relay from a SQL database to the embedded broker on the data directory. With
+//! `--pause-after-publish` its publisher, a wrapper around the broker, says on stdout that
+//! the broker has acknowledged the relay's first publish, then never returns to the relay:
+//! the relay stays between "published" and "marked published", exactly where the test
+//! kills it. The hook is the [`Publisher`] seam itself, so the relay under test is the
+//! library's, unchanged.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(test)]
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use futures::StreamExt as _;
-use herald_core::broker::{GroupName, TopicName, partition_key};
+use herald_core::broker::{self, GroupName, Published, Publisher, TopicName, partition_key};
 use herald_core::{Event, EventStore, ExpectedVersion, Position, StreamName};
 use herald_log::broker::{Broker, BrokerOptions};
 use herald_runtime::{
     ConsumerOptions, EventStoreDeadLetters, EventStoreIdempotency, HandlerContext, HandlerError,
     PipelineOptions, Router, SystemClock,
 };
+use herald_sql::relay::Handle;
+use herald_sql::{Backend, RelayOptions};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
@@ -33,6 +45,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::database::{self, DatabaseArgs, with_pool};
 use crate::store::{self, Log, Options};
 
 /// The name of the extension carrying the id of the append an event was part of.
@@ -57,6 +70,18 @@ pub(crate) enum Command {
     /// `{"handled": <runs in this process>}` is printed; at a clean stop, a line
     /// `{"report": {...}}` with the consumer's report.
     Consume(ConsumeArgs),
+    /// Relay the outbox of --database-url to the embedded broker on the data directory,
+    /// until SIGTERM or SIGINT.
+    ///
+    /// Prints `{"started": {"holder"}}`, then `{"published": <rows>}` whenever the count of
+    /// rows published (and marked) grows, and at a clean stop `{"report": {"published",
+    /// "publish_failures", "batches"}}`. With --pause-after-publish, the first publish the
+    /// broker acknowledges prints `{"paused": {"topic", "events": [<ids>]}}`, and from then
+    /// on every publish blocks after the broker acknowledged it, so that nothing is marked.
+    Relay(RelayArgs),
+    /// Serve the order system and the event API on the data directory until SIGTERM or
+    /// SIGINT, printing `{"listen": "<address>"}` once listening.
+    OrdersServer(crate::debug_orders::Args),
 }
 
 /// Arguments of `herald debug crash-writer`.
@@ -96,6 +121,37 @@ pub(crate) struct ConsumeArgs {
     expect: Option<usize>,
 }
 
+/// Arguments of `herald debug relay`.
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    /// A topic to create in the embedded broker before relaying (repeatable), as a
+    /// deployment provisions its topics; rows name their own topic, and a topic not
+    /// created here is created by its first publish.
+    #[arg(long = "topic", value_name = "TOPIC")]
+    topics: Vec<TopicName>,
+
+    /// Block every publish after the broker acknowledged it, from the first one on,
+    /// reporting the first on stdout: nothing gets marked published.
+    #[arg(long)]
+    pause_after_publish: bool,
+
+    /// How long the relay's leases last unless renewed; a relay killed holding them
+    /// delays the next one by up to this long. The publish timeout is two thirds of it.
+    #[arg(long, default_value_t = RelayOptions::default().lease_ttl_ms, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(RELAY_LEASE_TTL_MIN_MS..))]
+    lease_ttl_ms: u64,
+}
+
+/// The shortest `--lease-ttl-ms` of `herald debug relay`.
+const RELAY_LEASE_TTL_MIN_MS: u64 = 30;
+
+/// The connections `herald debug relay` opens at most: one for its batches, one to
+/// listen on PostgreSQL, and spares for lease upkeep.
+const RELAY_CONNECTIONS_MAX: u32 = 4;
+
 /// One acknowledged append, as printed by the crash writer.
 #[derive(Debug, Serialize)]
 struct AckLine<'a> {
@@ -119,6 +175,8 @@ pub(crate) async fn run(command: Command, data_dir: &Path) -> anyhow::Result<()>
     match command {
         Command::CrashWriter(args) => crash_writer(args, data_dir).await,
         Command::Consume(args) => consume(args, data_dir).await,
+        Command::Relay(args) => relay(args, data_dir).await,
+        Command::OrdersServer(args) => crate::debug_orders::run(args, data_dir).await,
     }
 }
 
@@ -378,4 +436,169 @@ fn print_line(value: &serde_json::Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
+}
+
+/// `herald debug relay`: relays until a signal.
+async fn relay(args: RelayArgs, data_dir: &Path) -> anyhow::Result<()> {
+    let database = database::connect(&args.database.database_url, RELAY_CONNECTIONS_MAX).await?;
+    let log = store::open(Options::new(data_dir)).await?;
+    let result = store::closing(&log, async {
+        let broker = Broker::new(log.clone(), BrokerOptions::new());
+        let result = async {
+            for topic in &args.topics {
+                broker
+                    .create_topic(topic, BrokerOptions::new().partitions_default)
+                    .await
+                    .with_context(|| format!("cannot create topic `{topic}`"))?;
+            }
+            let publisher: Arc<dyn Publisher> = if args.pause_after_publish {
+                Arc::new(PauseAfterPublish::new(Arc::new(broker.clone())))
+            } else {
+                Arc::new(broker.clone())
+            };
+            let options = RelayOptions {
+                lease_ttl_ms: args.lease_ttl_ms,
+                publish_timeout_ms: args.lease_ttl_ms * 2 / 3,
+                ..RelayOptions::default()
+            };
+            with_pool!(&database, pool => run_relay(pool.clone(), publisher, options).await)
+        }
+        .await;
+        broker.shutdown().await;
+        result
+    })
+    .await;
+    database.close().await;
+    result
+}
+
+/// Runs the relay on `pool` until SIGTERM or SIGINT, printing its progress.
+async fn run_relay<DB: Backend>(
+    pool: sqlx::Pool<DB>,
+    publisher: Arc<dyn Publisher>,
+    options: RelayOptions,
+) -> anyhow::Result<()> {
+    let relay = options
+        .build(pool, publisher)
+        .context("invalid relay options")?;
+    let handle = relay.handle();
+    let shutdown = CancellationToken::new();
+    // Registered before the relay starts, so that a signal always finds a handler.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut watchers = JoinSet::new();
+    watchers.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = terminate.recv() => shutdown.cancel(),
+                _ = interrupt.recv() => shutdown.cancel(),
+                () = shutdown.cancelled() => {}
+            }
+            Ok(())
+        }
+    });
+    watchers.spawn(print_progress(handle.clone(), shutdown.clone()));
+    print_line(&serde_json::json!({ "started": { "holder": handle.holder() } }))?;
+    let report = relay.run(shutdown.clone()).await;
+    shutdown.cancel();
+    while let Some(watched) = watchers.join_next().await {
+        watched.context("a watcher task panicked")??;
+    }
+    let report = report.context("the relay failed")?;
+    print_line(&serde_json::json!({
+        "report": {
+            "published": report.published,
+            "publish_failures": report.publish_failures,
+            "batches": report.batches,
+        }
+    }))?;
+    Ok(())
+}
+
+/// Prints `{"published": n}` whenever the relay's count of published rows grows.
+async fn print_progress(handle: Handle, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut printed = 0;
+    loop {
+        let progress = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            progress = handle.wait_for(|progress| progress.published > printed) => progress,
+        };
+        printed = progress.published;
+        print_line(&serde_json::json!({ "published": printed }))?;
+    }
+}
+
+/// A publisher that publishes to `inner` and then never returns, reporting the first
+/// publish `inner` acknowledged: the relay's rows stay published but unmarked.
+struct PauseAfterPublish {
+    inner: Arc<dyn Publisher>,
+    paused: AtomicBool,
+}
+
+impl PauseAfterPublish {
+    fn new(inner: Arc<dyn Publisher>) -> Self {
+        PauseAfterPublish {
+            inner,
+            paused: AtomicBool::new(false),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for PauseAfterPublish {
+    async fn publish(
+        &self,
+        topic: &TopicName,
+        events: Vec<Event>,
+    ) -> Result<Vec<Published>, broker::Error> {
+        let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+        self.inner.publish(topic, events).await?;
+        if !self.paused.swap(true, Ordering::SeqCst) {
+            let line = serde_json::json!({ "paused": { "topic": topic.as_str(), "events": ids } });
+            if let Err(error) = print_line(&line) {
+                tracing::warn!(%error, "cannot report the pause");
+            }
+        }
+        std::future::pending().await
+    }
+
+    async fn close(&self) -> Result<(), broker::Error> {
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::broker::Subscriber as _;
+    use herald_core::memory_broker::InMemoryBroker;
+
+    /// Paused time: the timeout elapses only if the publish never completes.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_publisher_publishes_and_then_never_returns() {
+        let broker = InMemoryBroker::new(1);
+        let topic = TopicName::new("orders").unwrap();
+        let mut consumer = broker
+            .subscribe(&topic, &GroupName::new("check").unwrap())
+            .await
+            .unwrap();
+        let pause = PauseAfterPublish::new(Arc::new(broker.clone()));
+        for n in 0..2 {
+            let event = Event::new("/test", "Paused").with_id(format!("e-{n}"));
+            let publish = pause.publish(&topic, vec![event]);
+            assert!(
+                tokio::time::timeout(Duration::from_secs(3_600), publish)
+                    .await
+                    .is_err(),
+                "publish {n} returned"
+            );
+            let message = consumer.recv().await.unwrap().unwrap();
+            assert_eq!(
+                message.event.id,
+                format!("e-{n}"),
+                "published before blocking"
+            );
+        }
+    }
 }

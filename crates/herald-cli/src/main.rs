@@ -2,7 +2,9 @@
 //!
 //! Every command that touches events works on the embedded log (`herald-log`) in the data
 //! directory given by `--data-dir` (or `HERALD_DATA_DIR`, default `./herald-data`). One process
-//! at a time may open a data directory; the log enforces that with a lock.
+//! at a time may open a data directory; the log enforces that with a lock. `migrate` and
+//! `outbox` work on a SQL database instead, named by `--database-url` (or
+//! `HERALD_DATABASE_URL`).
 //!
 //! Errors are printed as one line (`error: what failed: why`), followed by a `hint:` line
 //! when there is something specific the user can do about it. Diagnostics go to stderr
@@ -11,10 +13,15 @@
 
 mod bench;
 mod config;
+mod database;
 mod debug;
+mod debug_orders;
 mod dlq;
 mod events;
 mod groups;
+mod load;
+mod migrate;
+mod outbox;
 mod store;
 mod up;
 
@@ -59,6 +66,13 @@ enum Command {
     Groups(groups::Command),
     /// Serve the event API over HTTP on the data directory's event log.
     Up(up::Args),
+    /// Apply Herald's SQL migrations (outbox, inbox, checkpoints) to a database.
+    Migrate(migrate::Args),
+    /// Inspect the transactional outbox of a SQL database.
+    #[command(subcommand)]
+    Outbox(outbox::Command),
+    /// Place orders against a running order system and report how they settled.
+    Load(load::Args),
     /// Tools that test Herald itself.
     #[command(subcommand, hide = true)]
     Debug(debug::Command),
@@ -91,6 +105,7 @@ fn main() -> ExitCode {
             if let Some(hint) = store::hint(&error)
                 .or_else(|| groups::hint(&error))
                 .or_else(|| config::hint(&error))
+                .or_else(|| database::hint(&error))
             {
                 eprintln!("hint: {hint}");
             }
@@ -112,6 +127,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Groups(command) => groups::run(command, &resolved()).await,
         // `herald up` also reads a configuration file, which the flag and the variable override.
         Command::Up(args) => up::run(args, data_dir.as_deref()).await,
+        // The SQL commands work on --database-url, not on the data directory.
+        Command::Migrate(args) => migrate::run(args).await,
+        Command::Outbox(command) => outbox::run(command).await,
+        // The load works on a server, named by --url.
+        Command::Load(args) => load::run(args).await,
     }
 }
 

@@ -13,6 +13,8 @@
 //! - A request that matches no entry of [`ROUTES`](crate::ROUTES) (an unknown path, a method
 //!   a path does not allow) needs a read token, so that the API's shape is not disclosed to
 //!   anonymous clients.
+//! - A request to a route added with [`Server::with_routes`](crate::Server::with_routes)
+//!   needs a read token for `GET` and `HEAD` and a write token for any other method.
 //! - The token MUST be compared with every configured token in constant time (for tokens of
 //!   the same length): how long the check takes tells nothing about how much of a token was
 //!   right.
@@ -45,8 +47,9 @@ pub(crate) async fn authorize(
     let access = request
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|matched| crate::route_of(request.method(), matched.as_str()))
-        .map_or(Access::Read, |route| route.access);
+        .map_or(Access::Read, |matched| {
+            crate::access_of(request.method(), matched.as_str())
+        });
     if access == Access::Open {
         return next.run(request).await;
     }

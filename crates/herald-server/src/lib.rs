@@ -80,6 +80,15 @@
 //! process-global one of the [`metrics`] facade (see [`install_metrics`]), so that every
 //! component of the process that records metrics is served on `/metrics` too.
 //!
+//! # Extra routes
+//!
+//! An application that embeds the server can serve its own routes next to the event API with
+//! [`Server::with_routes`]: they get the same layers (tracing, metrics labelled with their
+//! route template, catch-panic, bearer authentication) and the server's problem+json
+//! fallbacks. They are not in [`ROUTES`] nor in `/openapi.json`, which describe the event API
+//! only: the application documents its own routes. Their access is derived from the method:
+//! `GET` and `HEAD` need a read token, any other method a write token.
+//!
 //! **API Boundary:** the server knows only the [`EventStore`] trait of `herald-core`; which
 //! store backs it (the embedded log, or another) is the caller's choice.
 
@@ -309,6 +318,7 @@ impl ServerOptions {
             store,
             options: self,
             metrics: None,
+            extra: None,
         })
     }
 }
@@ -321,6 +331,8 @@ pub struct Server {
     options: ServerOptions,
     /// `None`: [`install_metrics`] when the server starts.
     metrics: Option<PrometheusHandle>,
+    /// Routes of the embedding application, merged next to the event API.
+    extra: Option<Router>,
 }
 
 impl std::fmt::Debug for Server {
@@ -342,6 +354,22 @@ impl Server {
     /// the one [`install_metrics`] installs.
     pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = Some(handle);
+        self
+    }
+
+    /// Serves `routes` too, next to the event API, behind the same layers (see
+    /// [Extra routes](crate#extra-routes)). `routes` must have no fallback (the server's
+    /// answers what no route matches) and no path of [`ROUTES`]; calling this again adds more.
+    ///
+    /// # Panics
+    ///
+    /// When a path of `routes` is already served, or `routes` has a fallback: both are bugs
+    /// of the caller, found the first time it runs.
+    pub fn with_routes(mut self, routes: Router) -> Self {
+        self.extra = Some(match self.extra.take() {
+            Some(extra) => extra.merge(routes),
+            None => routes,
+        });
         self
     }
 
@@ -367,7 +395,7 @@ impl Server {
             stop.cancel();
         };
         let state = AppState::new(self.store, &self.options, metrics.clone(), stopping);
-        let serve = axum::serve(self.listener, app(state))
+        let serve = axum::serve(self.listener, app(state, self.extra))
             .with_graceful_shutdown(signal)
             .into_future();
         tokio::select! {
@@ -433,7 +461,7 @@ impl std::ops::Deref for AppState {
 /// shutdown of its own (a [`Server`] has).
 pub fn router(store: Arc<dyn EventStore>, options: &ServerOptions) -> Router {
     let state = AppState::new(store, options, install_metrics(), CancellationToken::new());
-    app(state)
+    app(state, None)
 }
 
 /// [`router`], with `/metrics` served from `metrics`, a Prometheus recorder the caller
@@ -445,10 +473,10 @@ pub fn router_with_metrics(
 ) -> Router {
     telemetry::describe();
     let state = AppState::new(store, options, Some(metrics), CancellationToken::new());
-    app(state)
+    app(state, None)
 }
 
-/// The routes of [`ROUTES`] and their layers.
+/// The routes of [`ROUTES`], then `extra` (see [`Server::with_routes`]), and their layers.
 ///
 /// The layers, outermost first (`Router::layer` wraps each route after it was matched, so
 /// every layer sees the matched route):
@@ -459,8 +487,8 @@ pub fn router_with_metrics(
 ///
 /// Metrics sit outside auth, so that refused requests are counted, and outside CatchPanic,
 /// so that a panic, answered with a `500` problem, is counted as a `500`.
-fn app(state: AppState) -> Router {
-    Router::new()
+fn app(state: AppState, extra: Option<Router>) -> Router {
+    let routes = Router::new()
         .route(
             "/streams/{stream}",
             post(append::append)
@@ -474,6 +502,12 @@ fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .with_state(state.clone());
+    let routes = match extra {
+        Some(extra) => routes.merge(extra),
+        None => routes,
+    };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -484,7 +518,6 @@ fn app(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(telemetry::record))
         .layer(TraceLayer::new_for_http())
-        .with_state(state)
 }
 
 /// The entry of [`ROUTES`] for a request; `HEAD` is served by the `GET` route.
@@ -497,6 +530,24 @@ fn route_of(method: &axum::http::Method, path: &str) -> Option<&'static Route> {
     ROUTES
         .iter()
         .find(|route| route.path == path && route.method == method)
+}
+
+/// Who may call the route with template `path` by `method`: its entry of [`ROUTES`]; a path
+/// of [`ROUTES`] by another method needs a read token (the answer is `405`); a path added
+/// with [`Server::with_routes`] needs a read token for `GET` and `HEAD`, a write token
+/// otherwise.
+fn access_of(method: &axum::http::Method, path: &str) -> Access {
+    if let Some(route) = route_of(method, path) {
+        return route.access;
+    }
+    if ROUTES.iter().any(|route| route.path == path)
+        || method == axum::http::Method::GET
+        || method == axum::http::Method::HEAD
+    {
+        Access::Read
+    } else {
+        Access::Write
+    }
 }
 
 /// The process is up and serving.

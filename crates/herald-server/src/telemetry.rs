@@ -5,7 +5,9 @@
 //! process: whatever records through the facade (the server, the consumer runtime, a store)
 //! is rendered by `/metrics`. Label values come from closed sets (the route templates of
 //! [`ROUTES`](crate::ROUTES), the standard methods, the status codes), so that requests cannot
-//! grow the number of series.
+//! grow the number of series. The route templates of
+//! [`Server::with_routes`](crate::Server::with_routes) are a closed set too: the label is the
+//! matched template, never the request's path.
 
 use std::convert::Infallible;
 use std::sync::OnceLock;
@@ -104,18 +106,22 @@ pub(crate) async fn upkeep(metrics: Option<PrometheusHandle>) -> Infallible {
 /// Counts and times one request.
 pub(crate) async fn record(request: Request, next: Next) -> Response {
     let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|matched| crate::ROUTES.iter().find(|r| r.path == matched.as_str()))
-        .map_or(ROUTE_UNMATCHED, |route| route.path);
+    // A matched path is the template of a route of the router (of `ROUTES`, or added with
+    // `Server::with_routes`), never the request's own path: the set stays closed.
+    let route: metrics::SharedString = match request.extensions().get::<MatchedPath>() {
+        Some(matched) => match crate::ROUTES.iter().find(|r| r.path == matched.as_str()) {
+            Some(route) => route.path.into(),
+            None => matched.as_str().to_owned().into(),
+        },
+        None => ROUTE_UNMATCHED.into(),
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     metrics::counter!(
         HTTP_REQUESTS_TOTAL,
         "method" => method,
-        "route" => route,
+        "route" => route.clone(),
         "status" => response.status().as_str().to_owned(),
     )
     .increment(1);

@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
+
 use sqlx::Pool;
-use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::{Migrate, MigrateError, Migration, MigrationSource, MigrationType, Migrator};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +71,8 @@ pub(crate) trait Dialect: sqlx::Database {
     /// The embedded migrations of this database, as `(version, description, sql)`.
     const MIGRATIONS: &'static [(i64, &'static str, &'static str)];
 
-    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), MigrateError>> + Send;
+    /// Applies the pending migrations; returns the versions this call applied, in order.
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<Vec<i64>, MigrateError>> + Send;
 
     fn insert_outbox(
         conn: &mut Self::Connection,
@@ -116,13 +119,21 @@ pub(crate) trait Dialect: sqlx::Database {
     /// Releases every lease of `holder` and unregisters it.
     fn leave(pool: &Pool<Self>, holder: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
 
+    /// Whether [`Dialect::claim`] reads each partition's rows separately, at most
+    /// `partition_len_max[partition]` of them (PostgreSQL), rather than in one scan of
+    /// every held partition in `seq` order (SQLite).
+    const CLAIMS_PER_PARTITION: bool;
+
     /// The first unpublished rows, in `seq` order, of the partitions `holder` holds, up to
-    /// `len_max`, leaving out partitions whose rows wait for a retry.
+    /// `len_max`, leaving out partitions whose rows wait for a retry. Each partition's rows
+    /// are a prefix of its unpublished rows; with [`Dialect::CLAIMS_PER_PARTITION`] that
+    /// prefix is at most `partition_len_max[partition]` rows long (indexed by partition).
     fn claim(
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
         len_max: i64,
+        partition_len_max: &[i64],
     ) -> impl Future<Output = sqlx::Result<(Self::Claim, Vec<ClaimedRow>)>> + Send;
 
     /// Marks `published` rows published (or deletes them) and records `failures`.
@@ -186,10 +197,51 @@ pub(crate) trait Dialect: sqlx::Database {
 
 /// The migrator of a backend: its embedded migrations, not failing on versions it does not
 /// know (an application's own sqlx migrations in the same database).
+/// Its locking is off: [`run_migrations`] holds the lock.
 pub(crate) async fn migrator<DB: Dialect>() -> Result<Migrator, MigrateError> {
     let mut migrator = Migrator::new(Embedded(DB::MIGRATIONS)).await?;
     migrator.set_ignore_missing(true);
+    migrator.set_locking(false);
     Ok(migrator)
+}
+
+/// Applies the backend's pending migrations on a connection of `pool` and returns the
+/// versions applied. The migration lock (an advisory lock on PostgreSQL, nothing on SQLite)
+/// is taken here rather than by the migrator, so that the versions applied before and after
+/// are read under it: of several processes migrating at once, each reports what it applied.
+pub(crate) async fn run_migrations<DB>(pool: &Pool<DB>) -> Result<Vec<i64>, MigrateError>
+where
+    DB: Dialect,
+    DB::Connection: Migrate,
+{
+    let migrator = migrator::<DB>().await?;
+    let mut conn = pool.acquire().await?;
+    let conn = &mut *conn;
+    conn.lock().await?;
+    let applied: Result<Vec<i64>, MigrateError> = async {
+        conn.ensure_migrations_table().await?;
+        let before = applied_versions(conn).await?;
+        // `run_direct` is what `Migrator::run` calls once it has a connection; sqlx keeps
+        // it public for generic callers like this one, which `run`'s `Acquire` bound
+        // cannot serve.
+        migrator.run_direct(conn).await?;
+        let after = applied_versions(conn).await?;
+        Ok(after.difference(&before).copied().collect())
+    }
+    .await;
+    let unlocked = conn.unlock().await;
+    let applied = applied?;
+    unlocked?;
+    Ok(applied)
+}
+
+async fn applied_versions<C: Migrate>(conn: &mut C) -> Result<BTreeSet<i64>, MigrateError> {
+    Ok(conn
+        .list_applied_migrations()
+        .await?
+        .into_iter()
+        .map(|migration| migration.version)
+        .collect())
 }
 
 /// Migrations compiled into the binary.

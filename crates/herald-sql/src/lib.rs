@@ -61,9 +61,38 @@ pub use error::Error;
 pub use inbox::{Begin, Inbox};
 pub use outbox::{Enqueued, LEASE_PARTITIONS, Outbox, OutboxStatus, status};
 pub use relay::{Relay, RelayOptions};
-pub use sqlite::{SQLITE_BUSY_TIMEOUT_MS, connect_options as sqlite_connect_options};
+pub use sqlite::{
+    SQLITE_BUSY_TIMEOUT_MS, configure as sqlite_configure,
+    connect_options as sqlite_connect_options,
+};
 
 /// Applies Herald's migrations to the database of `pool`; see [Schema](crate#schema).
 pub async fn migrate<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<(), Error> {
-    DB::migrate(pool).await.map_err(Error::Migrate)
+    migrate_report(pool).await.map(drop)
+}
+
+/// Applies Herald's migrations as [`migrate`] does, and returns the ones this call applied,
+/// in version order: none when the database was up to date. On PostgreSQL the applied
+/// versions are read under the migration lock, so of several processes migrating at once
+/// each reports only what it applied itself.
+pub async fn migrate_report<DB: Backend>(pool: &sqlx::Pool<DB>) -> Result<Vec<Migration>, Error> {
+    let applied = DB::migrate(pool).await.map_err(Error::Migrate)?;
+    Ok(DB::MIGRATIONS
+        .iter()
+        .filter(|(version, _, _)| applied.contains(version))
+        .map(|&(version, description, _)| Migration {
+            version,
+            description,
+        })
+        .collect())
+}
+
+/// One of Herald's migrations, as [`migrate_report`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Migration {
+    /// Its version in sqlx's `_sqlx_migrations` table (from `1000000001` up).
+    pub version: i64,
+    /// What it creates or changes.
+    pub description: &'static str,
 }

@@ -24,8 +24,8 @@ impl Dialect for Postgres {
         include_str!("../migrations/postgres/1000000001_herald_outbox_inbox_checkpoints.sql"),
     )];
 
-    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::migrate::MigrateError> {
-        crate::backend::migrator::<Self>().await?.run(pool).await
+    async fn migrate(pool: &Pool<Self>) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
+        crate::backend::run_migrations(pool).await
     }
 
     async fn insert_outbox(
@@ -218,11 +218,14 @@ impl Dialect for Postgres {
         tx.commit().await
     }
 
+    const CLAIMS_PER_PARTITION: bool = true;
+
     async fn claim(
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
         len_max: i64,
+        partition_len_max: &[i64],
     ) -> sqlx::Result<(Self::Claim, Vec<ClaimedRow>)> {
         let mut tx = pool.begin().await?;
         // The lease rows of the partitions worked on stay locked until the claim is
@@ -244,15 +247,27 @@ impl Dialect for Postgres {
         if partitions.is_empty() {
             return Ok((tx, Vec::new()));
         }
-        // Per partition, its first unpublished rows by seq (the partial index), unless one
-        // of its rows waits for a retry; of those, the first `len_max` by seq.
+        // Per partition, its first unpublished rows by seq (the partial index), at most its
+        // own limit, unless one of its rows waits for a retry; of those, the first `len_max`
+        // by seq. Every index entry read costs a heap visit (the rows being marked are on
+        // pages that are not all-visible), so each partition reads about its share of the
+        // batch rather than `len_max` rows.
+        let limits: Vec<i64> = partitions
+            .iter()
+            .map(|&partition| {
+                partition_len_max
+                    .get(partition as usize)
+                    .copied()
+                    .unwrap_or(len_max)
+            })
+            .collect();
         let rows = sqlx::query(
             "WITH picked AS (
-               SELECT o.seq FROM unnest($1::int4[]) AS p(partition)
+               SELECT o.seq FROM unnest($1::int4[], $3::int8[]) AS p(partition, len_max)
                CROSS JOIN LATERAL (
                  SELECT seq FROM herald_outbox
                  WHERE partition = p.partition AND published_at IS NULL
-                 ORDER BY seq LIMIT $2) o
+                 ORDER BY seq LIMIT p.len_max) o
                WHERE NOT EXISTS (
                  SELECT 1 FROM herald_outbox r
                  WHERE r.partition = p.partition AND r.published_at IS NULL
@@ -265,6 +280,7 @@ impl Dialect for Postgres {
         )
         .bind(&partitions)
         .bind(len_max)
+        .bind(&limits)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()

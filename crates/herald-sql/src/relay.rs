@@ -30,7 +30,12 @@
 //!   hands only between two batches, never during one. The claim reads, for each locked
 //!   partition, its first unpublished rows by `seq`, so a row that commits late (a lower
 //!   `seq` than rows already published) is still found and published: no high-water mark
-//!   can skip it. A publish is bounded by `publish_timeout_ms`, shorter than
+//!   can skip it. Each partition gives at most its limit: an equal share of
+//!   `batch_len_max` among the partitions held, doubled (up to `batch_len_max`) for the
+//!   next claim while a partition fills it, so a busy key soon gets whole batches while a
+//!   claim reads about one batch of rows, not `batch_len_max` per partition. A batch in
+//!   which a partition filled its limit counts as full: the relay claims again at once.
+//!   A publish is bounded by `publish_timeout_ms`, shorter than
 //!   `lease_ttl_ms`, so a relay cut off from the database stops publishing before another
 //!   can take its leases over.
 //! - **Claim (SQLite).** The relay reads without a transaction and marks the rows in a
@@ -118,7 +123,10 @@ pub enum OnPublish {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayOptions {
-    /// The most rows one batch claims (and publishes before marking them).
+    /// The most rows one batch claims (and publishes before marking them). Each batch
+    /// costs a few round trips and two syncs (the broker's, the mark's commit) whatever
+    /// its size, so large batches carry a backlog fastest; a relay killed mid-batch
+    /// publishes up to this many rows again.
     pub batch_len_max: u32,
     /// How often the relay looks for rows without being woken.
     pub poll_interval_ms: u64,
@@ -153,7 +161,7 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
-            batch_len_max: 500,
+            batch_len_max: 2_000,
             poll_interval_ms: 1_000,
             lease_ttl_ms: 15_000,
             publish_timeout_ms: 5_000,
@@ -197,6 +205,7 @@ impl RelayOptions {
             publisher,
             holder,
             rng: StdRng::from_entropy(),
+            partition_len_max: vec![0; LEASE_PARTITIONS as usize],
         })
     }
 
@@ -282,6 +291,9 @@ pub struct Relay<DB: Backend> {
     holder: String,
     rng: StdRng,
     shared: Arc<Shared>,
+    /// Per partition, how many rows the next claim should read from it at least (see
+    /// [`Relay::partition_limits`]).
+    partition_len_max: Vec<i64>,
 }
 
 struct Shared {
@@ -556,29 +568,75 @@ impl<DB: Backend> Relay<DB> {
         Ok(deleted)
     }
 
+    /// The most rows the next claim reads from each partition (indexed by partition), on
+    /// a backend that claims per partition: an equal share of `batch_len_max` among the
+    /// partitions held, or more where a partition's last claims asked for it.
+    fn partition_limits(&self) -> Vec<i64> {
+        let len_max = i64::from(self.options.batch_len_max);
+        let held = self.shared.progress.borrow().held.len().max(1) as i64;
+        let share = (len_max + held - 1) / held;
+        self.partition_len_max
+            .iter()
+            .map(|&wanted| wanted.max(share).min(len_max))
+            .collect()
+    }
+
+    /// Adapts the per-partition limits to what a claim with `limits` yielded: a partition
+    /// that filled its limit (a busy key) may hold more, and its limit doubles, up to
+    /// `batch_len_max`; any other asks next time for twice what it yielded (at least the
+    /// equal share). Returns whether some partition filled its limit.
+    fn adapt_partition_limits(
+        &mut self,
+        limits: &[i64],
+        by_partition: &BTreeMap<i32, Vec<ClaimedRow>>,
+    ) -> bool {
+        if !DB::CLAIMS_PER_PARTITION {
+            return false;
+        }
+        let len_max = i64::from(self.options.batch_len_max);
+        let mut cut = false;
+        for (partition, wanted) in self.partition_len_max.iter_mut().enumerate() {
+            let yielded = by_partition
+                .get(&(partition as i32))
+                .map_or(0, |rows| rows.len() as i64);
+            *wanted = if yielded > 0 && yielded >= limits[partition] {
+                cut = true;
+                limits[partition].saturating_mul(2).min(len_max)
+            } else {
+                (yielded * 2).min(len_max)
+            };
+        }
+        cut
+    }
+
     /// Claims, publishes and settles one batch; whether it was full (more may be waiting).
     async fn batch(&mut self, report: &mut Report) -> Result<bool, Error> {
         let len_max = self.options.batch_len_max as usize;
+        let limits = self.partition_limits();
         let (claim, rows) = DB::claim(
             &self.pool,
             &self.holder,
             self.options.lease_ttl_ms as i64,
             len_max as i64,
+            &limits,
         )
         .await?;
         let delete = self.options.on_publish == OnPublish::Delete;
-        if rows.is_empty() {
+        let claimed = rows.len();
+        let mut by_partition: BTreeMap<i32, Vec<ClaimedRow>> = BTreeMap::new();
+        for row in rows {
+            by_partition.entry(row.partition).or_default().push(row);
+        }
+        let cut = self.adapt_partition_limits(&limits, &by_partition);
+        if claimed == 0 {
             DB::settle(&self.pool, claim, &[], &[], delete).await?;
             self.shared
                 .progress
                 .send_modify(|progress| progress.claims += 1);
             return Ok(false);
         }
-        let full = rows.len() >= len_max;
-        let mut by_partition: BTreeMap<i32, Vec<ClaimedRow>> = BTreeMap::new();
-        for row in rows {
-            by_partition.entry(row.partition).or_default().push(row);
-        }
+        // A partition cut short by its limit may hold more rows, as may a full batch.
+        let full = claimed >= len_max || cut;
         // Partitions are independent: published concurrently, so that a broker with group
         // commit (the embedded log) syncs them together.
         let timeout = Duration::from_millis(self.options.publish_timeout_ms);

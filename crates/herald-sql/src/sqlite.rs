@@ -28,9 +28,18 @@ pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
 /// commit is synced to disk before it returns, so an acknowledged enqueue or checkpoint
 /// survives a power loss), and a busy timeout of [`SQLITE_BUSY_TIMEOUT_MS`].
 pub fn connect_options(path: impl AsRef<Path>) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
+    configure(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true),
+    )
+}
+
+/// Herald's settings of [`connect_options`] — write-ahead log, `synchronous = FULL`, the
+/// busy timeout, foreign keys — applied to `options` (e.g. parsed from a `sqlite://` URL),
+/// leaving its file and whether a missing file is created as they are.
+pub fn configure(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    options
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))
@@ -60,8 +69,8 @@ impl Dialect for Sqlite {
         include_str!("../migrations/sqlite/1000000001_herald_outbox_inbox_checkpoints.sql"),
     )];
 
-    async fn migrate(pool: &Pool<Self>) -> Result<(), sqlx::migrate::MigrateError> {
-        crate::backend::migrator::<Self>().await?.run(pool).await
+    async fn migrate(pool: &Pool<Self>) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
+        crate::backend::run_migrations(pool).await
     }
 
     async fn insert_outbox(
@@ -244,11 +253,16 @@ impl Dialect for Sqlite {
         tx.commit().await
     }
 
+    // One scan of the unpublished rows in `seq` order: the claim reads about `len_max`
+    // index entries whatever the partitions.
+    const CLAIMS_PER_PARTITION: bool = false;
+
     async fn claim(
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
         len_max: i64,
+        _partition_len_max: &[i64],
     ) -> sqlx::Result<((), Vec<ClaimedRow>)> {
         let held = Self::renew(pool, holder, ttl_ms).await?;
         if held.is_empty() {

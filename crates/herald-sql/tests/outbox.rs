@@ -27,6 +27,7 @@ on_both_backends! {
     retention_deletes_old_published_rows => retention;
     rows_can_be_deleted_once_published => delete_on_publish;
     events_the_broker_already_has_are_not_stored_twice => republished;
+    a_busy_key_drains_in_full_batches_without_waiting_for_a_poll => busy_key;
 }
 
 /// Options for tests: quick polls and retries, short leases.
@@ -52,6 +53,8 @@ fn order_event(key: &str, n: u32) -> Event {
 async fn migrations_apply_again<DB: Business>(pool: Pool<DB>) {
     herald_sql::migrate(&pool).await.unwrap();
     herald_sql::migrate(&pool).await.unwrap();
+    let applied = herald_sql::migrate_report(&pool).await.unwrap();
+    assert!(applied.is_empty(), "up to date: {applied:?}");
     let status = status(&pool).await.unwrap();
     assert_eq!(status.leases.len(), herald_sql::LEASE_PARTITIONS as usize);
     assert_eq!(status.backlog, 0);
@@ -532,11 +535,89 @@ async fn postgres_migrations_started_together_both_succeed() {
         common::postgres_pool(&url, 2).await,
         common::postgres_pool(&url, 2).await,
     );
-    let (first, second) = tokio::join!(herald_sql::migrate(&a), herald_sql::migrate(&b));
-    first.unwrap();
-    second.unwrap();
+    let (first, second) = tokio::join!(
+        herald_sql::migrate_report(&a),
+        herald_sql::migrate_report(&b)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    // Each reports what it applied itself: every migration once, in one of the two.
+    let mut applied: Vec<i64> = first.iter().chain(&second).map(|m| m.version).collect();
+    let len = applied.len();
+    applied.sort_unstable();
+    applied.dedup();
+    assert_eq!(applied.len(), len, "reported twice: {first:?} {second:?}");
+    assert_eq!(
+        applied.first(),
+        Some(&1_000_000_001),
+        "{first:?} {second:?}"
+    );
     assert_eq!(
         status(&a).await.unwrap().leases.len(),
         herald_sql::LEASE_PARTITIONS as usize
     );
+}
+
+async fn busy_key<DB: Business>(pool: Pool<DB>) {
+    const ROWS: u64 = 2_000;
+    const BATCH_LEN_MAX: u32 = 100;
+    let outbox = Outbox::new(topic("orders"));
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..ROWS {
+        outbox
+            .enqueue(&mut tx, &order_event("order-1", n as u32))
+            .await
+            .unwrap();
+    }
+    // A few other keys, so that several partitions share the batches at first.
+    for n in 0..10 {
+        outbox
+            .enqueue(&mut tx, &order_event(&format!("order-{}", n + 2), 0))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let broker = InMemoryBroker::new(1);
+    let mut consumer = broker
+        .subscribe(&topic("orders"), &GroupName::new("check").unwrap())
+        .await
+        .unwrap();
+    // Neither a poll nor a notification comes in time: only claiming again at once after
+    // a batch that may have left rows behind drains the backlog.
+    let relay = RelayOptions {
+        batch_len_max: BATCH_LEN_MAX,
+        poll_interval_ms: 3_600_000,
+        listen: false,
+        ..options()
+    }
+    .build(pool.clone(), publisher(broker.clone()))
+    .unwrap();
+    let handle = relay.handle();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let total = ROWS + 10;
+    tokio::time::timeout(HANG_GUARD, handle.wait_for(|p| p.published >= total))
+        .await
+        .expect("the backlog drained without a poll");
+    shutdown.cancel();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.published, total);
+    // The busy key's partition soon gets whole batches: about ROWS / BATCH_LEN_MAX of
+    // them, not one per equal share of a batch (ROWS / 4 on PostgreSQL's 32 partitions).
+    assert!(
+        report.batches <= ROWS / u64::from(BATCH_LEN_MAX) + 10,
+        "{} batches",
+        report.batches
+    );
+    let messages = receive(&mut consumer, total as usize).await;
+    let busy: Vec<u64> = messages
+        .iter()
+        .filter(|m| m.event.partition_key() == Some("order-1"))
+        .map(|m| {
+            m.event.data_as::<serde_json::Value>().unwrap().unwrap()["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(busy, (0..ROWS).collect::<Vec<_>>(), "the key's order holds");
 }

@@ -9,6 +9,8 @@
 mod append;
 mod baseline;
 mod http;
+mod orders;
+mod outbox;
 mod pubsub;
 mod read;
 
@@ -59,6 +61,24 @@ pub(crate) enum Command {
     /// another fresh log with the same events. Reports appends/s, p50/p99/max latency, CPU
     /// per append and `ratio` = HTTP / in process, next to the raw `fdatasync` baseline.
     Http(http::Args),
+    /// The transactional outbox on SQLite and PostgreSQL, next to raw `INSERT`s of the
+    /// same rows in the same run.
+    ///
+    /// Enqueue throughput (`Outbox::enqueue` in the caller's transactions of `--batch`
+    /// events) next to a plain `INSERT` of the same rows into a table made like the
+    /// outbox's, alternating in rounds, with `ratio` = outbox / raw; relay throughput from
+    /// the resulting backlog to the embedded broker; and on PostgreSQL the relay's
+    /// latency from commit to publish with LISTEN/NOTIFY at `--rate` events/s. SQLite is
+    /// a file in the bench directory; PostgreSQL a throwaway durable server (reported as
+    /// skipped where PostgreSQL is not installed).
+    Outbox(outbox::Args),
+    /// The order system in process on a fresh durable log: sustained orders/s and p50/p99
+    /// from placement to terminal state, next to the raw `fdatasync` baseline.
+    ///
+    /// `--concurrency` tasks (256) each place an order and wait for it to settle, for
+    /// `--duration-secs`; then the system is left to become idle and stopped, and its
+    /// invariants are checked (a violation fails the command).
+    Orders(orders::Args),
 }
 
 /// Runs a `bench` subcommand, measuring a fresh directory created in `parent_dir` (default:
@@ -70,6 +90,8 @@ pub(crate) async fn run(command: Command, parent_dir: Option<&Path>) -> anyhow::
         Command::Read(args) => read::run(args, &bench_dir).await,
         Command::Pubsub(args) => pubsub::run(args, &bench_dir).await,
         Command::Http(args) => http::run(args, &bench_dir).await,
+        Command::Outbox(args) => outbox::run(args, &bench_dir).await,
+        Command::Orders(args) => orders::run(args, &bench_dir).await,
     }
 }
 

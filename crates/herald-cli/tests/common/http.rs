@@ -21,12 +21,15 @@ use serde_json::Value;
 
 /// The variables `herald up` reads; the tests set the ones they mean and remove the rest, so
 /// that the developer's own environment cannot change what a test sees.
-pub const HERALD_VARIABLES: [&str; 6] = [
+pub const HERALD_VARIABLES: [&str; 9] = [
     "HERALD_CONFIG",
     "HERALD_DATA_DIR",
     "HERALD_LISTEN",
     "HERALD_BODY_SIZE_MAX_BYTES",
     "HERALD_TOKENS",
+    "HERALD_NO_ORDERS",
+    "HERALD_FAIL_PAYMENT_RATE",
+    "HERALD_TRANSIENT_ERROR_RATE",
     "RUST_LOG",
 ];
 
