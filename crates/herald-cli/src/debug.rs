@@ -79,9 +79,6 @@ pub(crate) enum Command {
     /// broker acknowledges prints `{"paused": {"topic", "events": [<ids>]}}`, and from then
     /// on every publish blocks after the broker acknowledged it, so that nothing is marked.
     Relay(RelayArgs),
-    /// Serve the order system and the event API on the data directory until SIGTERM or
-    /// SIGINT, printing `{"listen": "<address>"}` once listening.
-    OrdersServer(crate::debug_orders::Args),
 }
 
 /// Arguments of `herald debug crash-writer`.
@@ -176,7 +173,6 @@ pub(crate) async fn run(command: Command, data_dir: &Path) -> anyhow::Result<()>
         Command::CrashWriter(args) => crash_writer(args, data_dir).await,
         Command::Consume(args) => consume(args, data_dir).await,
         Command::Relay(args) => relay(args, data_dir).await,
-        Command::OrdersServer(args) => crate::debug_orders::run(args, data_dir).await,
     }
 }
 

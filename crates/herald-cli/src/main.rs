@@ -15,7 +15,6 @@ mod bench;
 mod config;
 mod database;
 mod debug;
-mod debug_orders;
 mod dlq;
 mod events;
 mod groups;

@@ -1,5 +1,5 @@
 //! The order system survives `kill -9`: while `herald load` places orders over HTTP, the
-//! server (`herald debug orders-server`: the event API and the order system in one
+//! server (`herald up`: the event API and the order system in one
 //! process) is killed with SIGKILL again and again and restarted on the same data
 //! directory and port.
 //!
@@ -109,10 +109,10 @@ fn every_accepted_order_settles_and_the_invariants_hold_across_kill_9() {
     eprintln!("after {kills} kills: {report}; load: {summary}");
 }
 
-/// Starts `herald debug orders-server` on `dir`, listening on `listen`.
+/// Starts `herald up` on `dir`, listening on `listen`.
 fn start(dir: &Path, listen: &str) -> Herald {
     let mut command = herald_command(dir);
-    command.args(["debug", "orders-server", "--listen", listen]);
+    command.args(["up", "--listen", listen]);
     Herald::spawn(command)
 }
 

@@ -1,4 +1,4 @@
-//! `herald load` end to end against a real order server (`herald debug orders-server`):
+//! `herald load` end to end against a real order server (`herald up`):
 //! the summary accounts for every order, the mix produces declines and stock failures, an
 //! unreachable server is counted and retried rather than fatal, and bad options are
 //! refused. No timing is checked.
@@ -31,7 +31,7 @@ fn count(summary: &Value, field: &str) -> u64 {
 fn a_load_settles_every_order_with_some_declines_and_stock_failures() {
     let dir = tempfile::tempdir().unwrap();
     let mut command = herald_command(dir.path());
-    command.args(["debug", "orders-server", "--listen", "127.0.0.1:0"]);
+    command.args(["up", "--listen", "127.0.0.1:0"]);
     let server = Herald::spawn(command);
     let url = format!("http://{}", server.addr());
 
