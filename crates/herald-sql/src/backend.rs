@@ -11,6 +11,7 @@ use sqlx::migrate::{Migrate, MigrateError, Migration, MigrationSource, Migration
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::OutboxRow;
 use crate::outbox::OutboxStatus;
 
 /// A database Herald's SQL components run on: `sqlx::Postgres` or `sqlx::Sqlite`.
@@ -22,20 +23,6 @@ pub trait Backend: sqlx::Database + Dialect {}
 
 impl Backend for sqlx::Postgres {}
 impl Backend for sqlx::Sqlite {}
-
-/// A row to insert into `herald_outbox`.
-#[derive(Debug)]
-pub(crate) struct NewRow<'a> {
-    pub(crate) id: &'a str,
-    pub(crate) aggregatetype: &'a str,
-    pub(crate) aggregateid: &'a str,
-    pub(crate) ty: &'a str,
-    pub(crate) payload: Option<&'a [u8]>,
-    pub(crate) payload_kind: Option<&'static str>,
-    pub(crate) headers: String,
-    pub(crate) topic: &'a str,
-    pub(crate) partition: i32,
-}
 
 /// An unpublished row a relay claimed.
 #[derive(Debug, Clone)]
@@ -76,7 +63,7 @@ pub(crate) trait Dialect: sqlx::Database {
 
     fn insert_outbox(
         conn: &mut Self::Connection,
-        row: &NewRow<'_>,
+        row: &OutboxRow<'_>,
         notify: bool,
     ) -> impl Future<Output = sqlx::Result<i64>> + Send;
 

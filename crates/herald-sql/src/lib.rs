@@ -59,7 +59,7 @@ pub use backend::Backend;
 pub use checkpoint::Checkpoints;
 pub use error::Error;
 pub use inbox::{Begin, Inbox};
-pub use outbox::{Enqueued, LEASE_PARTITIONS, Outbox, OutboxStatus, status};
+pub use outbox::{Enqueued, LEASE_PARTITIONS, Outbox, OutboxRow, OutboxStatus, status};
 pub use relay::{Relay, RelayOptions};
 pub use sqlite::{
     SQLITE_BUSY_TIMEOUT_MS, configure as sqlite_configure,

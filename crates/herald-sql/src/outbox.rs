@@ -48,7 +48,7 @@ use herald_core::{Data, Event};
 use serde_json::value::RawValue;
 use sqlx::{Pool, Transaction};
 
-use crate::backend::{Backend, ClaimedRow, NewRow};
+use crate::backend::{Backend, ClaimedRow};
 use crate::error::Error;
 
 /// How many lease partitions the key space is split into. Fixed by the schema (the
@@ -212,38 +212,71 @@ pub async fn status<DB: Backend>(pool: &Pool<DB>) -> Result<OutboxStatus, Error>
     Ok(DB::status(pool, STATUS_FAILING_LEN_MAX).await?)
 }
 
-/// The row of `event` for `topic`.
-fn encode<'a>(topic: &'a TopicName, event: &'a Event) -> Result<NewRow<'a>, Error> {
+/// The row of `event` for `topic`, once the event is checked.
+fn encode<'a>(topic: &'a TopicName, event: &'a Event) -> Result<OutboxRow<'a>, Error> {
     event.validate().map_err(Error::InvalidEvent)?;
-    let key = partition_key(event);
-    let (payload, payload_kind) = match &event.data {
-        None => (None, None),
-        Some(Data::Json(raw)) => (Some(raw.get().as_bytes()), Some("json")),
-        Some(Data::Binary(bytes)) => (Some(bytes.as_slice()), Some("binary")),
-    };
-    let headers = Event {
-        id: event.id.clone(),
-        source: event.source.clone(),
-        ty: event.ty.clone(),
-        time: event.time,
-        subject: event.subject.clone(),
-        datacontenttype: event.datacontenttype.clone(),
-        dataschema: event.dataschema.clone(),
-        data: None,
-        extensions: event.extensions.clone(),
+    Ok(OutboxRow::of(topic, event))
+}
+
+/// The values of the `herald_outbox` row that [`Outbox::enqueue`] writes for an event, for
+/// anything that must write the same row another way (a benchmark's raw `INSERT`, another
+/// driver). `created_at`, `attempts` and the other bookkeeping columns take their defaults.
+#[derive(Debug)]
+pub struct OutboxRow<'a> {
+    /// `id`: the event's id.
+    pub id: &'a str,
+    /// `aggregatetype`: the topic.
+    pub aggregatetype: &'a str,
+    /// `aggregateid`: the partition key (or the event id without one).
+    pub aggregateid: &'a str,
+    /// `type`: the event's type.
+    pub ty: &'a str,
+    /// `payload`: the event's data bytes, exactly.
+    pub payload: Option<&'a [u8]>,
+    /// `payload_kind`: `json` or `binary`.
+    pub payload_kind: Option<&'static str>,
+    /// `headers`: the event without its data, as JSON.
+    pub headers: String,
+    /// `topic`: where the relay publishes.
+    pub topic: &'a str,
+    /// `partition`: the lease partition of the key.
+    pub partition: i32,
+}
+
+impl<'a> OutboxRow<'a> {
+    /// The row of `event` for `topic`. The event is not checked: [`Outbox::enqueue`] checks
+    /// it first.
+    pub fn of(topic: &'a TopicName, event: &'a Event) -> OutboxRow<'a> {
+        let key = partition_key(event);
+        let (payload, payload_kind) = match &event.data {
+            None => (None, None),
+            Some(Data::Json(raw)) => (Some(raw.get().as_bytes()), Some("json")),
+            Some(Data::Binary(bytes)) => (Some(bytes.as_slice()), Some("binary")),
+        };
+        let headers = Event {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            ty: event.ty.clone(),
+            time: event.time,
+            subject: event.subject.clone(),
+            datacontenttype: event.datacontenttype.clone(),
+            dataschema: event.dataschema.clone(),
+            data: None,
+            extensions: event.extensions.clone(),
+        }
+        .to_json();
+        OutboxRow {
+            id: &event.id,
+            aggregatetype: topic.as_str(),
+            aggregateid: key,
+            ty: &event.ty,
+            payload,
+            payload_kind,
+            headers: String::from_utf8(headers).expect("JSON is UTF-8"),
+            topic: topic.as_str(),
+            partition: partition_for(key, LEASE_PARTITIONS) as i32,
+        }
     }
-    .to_json();
-    Ok(NewRow {
-        id: &event.id,
-        aggregatetype: topic.as_str(),
-        aggregateid: key,
-        ty: &event.ty,
-        payload,
-        payload_kind,
-        headers: String::from_utf8(headers).expect("JSON is UTF-8"),
-        topic: topic.as_str(),
-        partition: partition_for(key, LEASE_PARTITIONS) as i32,
-    })
 }
 
 /// The event and topic of a claimed row; an error names what is wrong with the row.
@@ -275,7 +308,7 @@ pub(crate) fn decode(row: &ClaimedRow) -> Result<(TopicName, Event), String> {
 mod tests {
     use super::*;
 
-    fn claimed(row: &NewRow<'_>) -> ClaimedRow {
+    fn claimed(row: &OutboxRow<'_>) -> ClaimedRow {
         ClaimedRow {
             seq: 1,
             partition: row.partition,

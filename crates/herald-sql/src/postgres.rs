@@ -10,7 +10,8 @@ use sqlx::{PgConnection, Pool, Postgres, Row as _};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ClaimedRow, Dialect, Failure, NewRow};
+use crate::backend::{ClaimedRow, Dialect, Failure};
+use crate::outbox::OutboxRow;
 use crate::outbox::{FailingRow, Lease, NOTIFY_CHANNEL, OutboxStatus, RelayInfo};
 
 impl Dialect for Postgres {
@@ -30,7 +31,7 @@ impl Dialect for Postgres {
 
     async fn insert_outbox(
         conn: &mut PgConnection,
-        row: &NewRow<'_>,
+        row: &OutboxRow<'_>,
         notify: bool,
     ) -> sqlx::Result<i64> {
         // One round trip: the notification rides on the insert, and PostgreSQL delivers it

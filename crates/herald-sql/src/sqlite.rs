@@ -16,7 +16,8 @@ use sqlx::{Pool, Row as _, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ClaimedRow, Dialect, Failure, NewRow};
+use crate::backend::{ClaimedRow, Dialect, Failure};
+use crate::outbox::OutboxRow;
 use crate::outbox::{FailingRow, Lease, OutboxStatus, RelayInfo};
 
 /// How long a statement waits for SQLite's write lock before it fails with "database is
@@ -75,7 +76,7 @@ impl Dialect for Sqlite {
 
     async fn insert_outbox(
         conn: &mut SqliteConnection,
-        row: &NewRow<'_>,
+        row: &OutboxRow<'_>,
         _notify: bool,
     ) -> sqlx::Result<i64> {
         let done = sqlx::query(

@@ -43,11 +43,11 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use comfy_table::Table;
 use hdrhistogram::Histogram;
-use herald_core::broker::{self, Published, Publisher, TopicName, partition_for, partition_key};
-use herald_core::{Data, Event};
+use herald_core::Event;
+use herald_core::broker::{self, Published, Publisher, TopicName};
 use herald_log::broker::{Broker, BrokerOptions};
 use herald_sql::relay::{Handle, Report as RelayReport};
-use herald_sql::{Backend, LEASE_PARTITIONS, Outbox, RelayOptions};
+use herald_sql::{Backend, Outbox, OutboxRow, RelayOptions};
 use herald_testkit::{PostgresOptions, PostgresServer};
 use serde::Serialize;
 use sqlx::{Pool, Postgres, Sqlite, Transaction};
@@ -549,7 +549,7 @@ async fn write<DB: BenchSql>(
                             outbox.enqueue(&mut tx, event).await?;
                         }
                         Mode::RawInsert => {
-                            DB::raw_insert(&mut tx, &RawRow::of(&settings.topic, event)).await?;
+                            DB::raw_insert(&mut tx, &OutboxRow::of(&settings.topic, event)).await?;
                         }
                     }
                 }
@@ -888,54 +888,6 @@ impl Publisher for Stamping {
     }
 }
 
-/// The row the outbox writes for an event, built the same way, for the raw-insert baseline.
-struct RawRow<'a> {
-    id: &'a str,
-    aggregatetype: &'a str,
-    aggregateid: &'a str,
-    ty: &'a str,
-    payload: Option<&'a [u8]>,
-    payload_kind: Option<&'static str>,
-    headers: String,
-    topic: &'a str,
-    partition: i32,
-}
-
-impl<'a> RawRow<'a> {
-    fn of(topic: &'a TopicName, event: &'a Event) -> RawRow<'a> {
-        let key = partition_key(event);
-        let (payload, payload_kind) = match &event.data {
-            None => (None, None),
-            Some(Data::Json(raw)) => (Some(raw.get().as_bytes()), Some("json")),
-            Some(Data::Binary(bytes)) => (Some(bytes.as_slice()), Some("binary")),
-        };
-        // The event without its data, as the outbox's `headers` column holds it.
-        let headers = Event {
-            id: event.id.clone(),
-            source: event.source.clone(),
-            ty: event.ty.clone(),
-            time: event.time,
-            subject: event.subject.clone(),
-            datacontenttype: event.datacontenttype.clone(),
-            dataschema: event.dataschema.clone(),
-            data: None,
-            extensions: event.extensions.clone(),
-        }
-        .to_json();
-        RawRow {
-            id: &event.id,
-            aggregatetype: topic.as_str(),
-            aggregateid: key,
-            ty: &event.ty,
-            payload,
-            payload_kind,
-            headers: String::from_utf8(headers).expect("JSON is UTF-8"),
-            topic: topic.as_str(),
-            partition: partition_for(key, LEASE_PARTITIONS) as i32,
-        }
-    }
-}
-
 /// The baseline's statements, written for each backend.
 trait BenchSql: Backend {
     /// `sqlite` or `postgres`.
@@ -947,7 +899,7 @@ trait BenchSql: Backend {
     /// Inserts `row` into [`RAW_TABLE`] in `tx`, with one plain `INSERT`.
     fn raw_insert(
         tx: &mut Transaction<'_, Self>,
-        row: &RawRow<'_>,
+        row: &OutboxRow<'_>,
     ) -> impl Future<Output = sqlx::Result<()>>;
 }
 
@@ -971,7 +923,7 @@ impl BenchSql for Sqlite {
         Ok(())
     }
 
-    async fn raw_insert(tx: &mut Transaction<'_, Self>, row: &RawRow<'_>) -> sqlx::Result<()> {
+    async fn raw_insert(tx: &mut Transaction<'_, Self>, row: &OutboxRow<'_>) -> sqlx::Result<()> {
         sqlx::query(
             "INSERT INTO bench_raw_insert (id, aggregatetype, aggregateid, type, payload,
                                            payload_kind, headers, topic, partition, created_at)
@@ -1003,7 +955,7 @@ impl BenchSql for Postgres {
         Ok(())
     }
 
-    async fn raw_insert(tx: &mut Transaction<'_, Self>, row: &RawRow<'_>) -> sqlx::Result<()> {
+    async fn raw_insert(tx: &mut Transaction<'_, Self>, row: &OutboxRow<'_>) -> sqlx::Result<()> {
         sqlx::query(
             "INSERT INTO bench_raw_insert (id, aggregatetype, aggregateid, type, payload,
                                            payload_kind, headers, topic, partition)
