@@ -17,6 +17,11 @@
 //! - Jobs of one batch see each other's writes in queue order, as if committed one by one.
 //! - After each commit the writer wakes the service's outbox relay, so events written by a
 //!   job are published without waiting for the relay's next poll.
+//! - Every write to the database goes through its one write connection ([`Db::writes`], a
+//!   pool of one): the writer takes it for each batch, and the outbox relay is given it
+//!   for its lease and settle transactions. So writers queue for it in turn instead of
+//!   meeting on SQLite's write lock, whose busy handler would make them sleep for
+//!   milliseconds.
 //! - Reads go through [`Db::pool`] (write-ahead log: readers never wait for the writer).
 //!
 //! The writer stops when its stop token is cancelled, after running the jobs already queued;
@@ -109,16 +114,18 @@ struct Job {
     reply: oneshot::Sender<Output>,
 }
 
-/// A service's database: a pool for reads and the writer's queue. Cheap to clone.
+/// A service's database: a pool for reads, the write connection and the writer's queue.
+/// Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Db {
     pool: SqlitePool,
+    writes: SqlitePool,
     jobs: mpsc::Sender<Job>,
 }
 
 /// The writer of a [`Db`], before it runs.
 pub(crate) struct Writer {
-    conn: SqliteConnection,
+    writes: SqlitePool,
     jobs: mpsc::Receiver<Job>,
     batch_len_max: usize,
     name: &'static str,
@@ -156,15 +163,22 @@ impl Db {
         // Herald's own migrations are recorded in the same table.
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
-        let conn = SqliteConnection::connect_with(&connect).await?;
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            // Taken for every batch: no round trip to check it first.
+            .test_before_acquire(false)
+            .connect_with(connect)
+            .await?;
         let (jobs_tx, jobs_rx) = mpsc::channel(options.write_queue_len_max.max(1));
         Ok((
             Db {
                 pool,
+                writes: writes.clone(),
                 jobs: jobs_tx,
             },
             Writer {
-                conn,
+                writes,
                 jobs: jobs_rx,
                 batch_len_max: options.write_batch_len_max.max(1),
                 name,
@@ -175,6 +189,12 @@ impl Db {
     /// The pool for reads.
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The write connection, as a pool of one, for the outbox relay: its transactions take
+    /// turns with the writer's batches.
+    pub(crate) fn writes(&self) -> &SqlitePool {
+        &self.writes
     }
 
     /// Runs `job` in a transaction of the writer; returns its output once committed. See
@@ -205,9 +225,10 @@ impl Db {
             .expect("a job's output is the type its caller gave"))
     }
 
-    /// Closes the read pool.
+    /// Closes the read pool and the write connection.
     pub(crate) async fn close(&self) {
         self.pool.close().await;
+        self.writes.close().await;
     }
 }
 
@@ -253,7 +274,16 @@ impl Writer {
             }
             let jobs = batch.len();
             let started = std::time::Instant::now();
-            commit(&mut self.conn, &mut batch).await;
+            match self.writes.acquire().await {
+                Ok(mut conn) => commit(&mut conn, &mut batch).await,
+                Err(error) => {
+                    tracing::warn!(error = %error, jobs, "the write connection is unavailable");
+                    let error = Arc::new(error);
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(Error::Commit(Arc::clone(&error))));
+                    }
+                }
+            }
             tracing::trace!(
                 jobs,
                 elapsed_us = started.elapsed().as_micros() as u64,
@@ -263,9 +293,7 @@ impl Writer {
                 relay.wake();
             }
         }
-        if let Err(error) = self.conn.close().await {
-            tracing::warn!(error = %error, "closing the writer's connection failed");
-        }
+        self.writes.close().await;
     }
 }
 

@@ -361,7 +361,7 @@ impl SystemOptions {
                     name: Some(service.as_str().to_owned()),
                     ..self.relay.clone()
                 }
-                .build(db.pool().clone(), Arc::new(broker.clone()))
+                .build(db.writes().clone(), Arc::new(broker.clone()))
                 .map_err(|source| BuildError::Relay { service, source })?;
                 let handle = relay.handle();
                 relays.push((service, relay));

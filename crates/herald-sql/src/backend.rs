@@ -115,10 +115,13 @@ pub(crate) trait Dialect: sqlx::Database {
     /// `len_max`, leaving out partitions whose rows wait for a retry. Each partition's rows
     /// are a prefix of its unpublished rows; with [`Dialect::CLAIMS_PER_PARTITION`] that
     /// prefix is at most `partition_len_max[partition]` rows long (indexed by partition).
+    /// The leases claimed from last at least `valid_ms` more (renewed to `ttl_ms` if need
+    /// be), so that a publish bounded by `valid_ms` ends before they can move.
     fn claim(
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
+        valid_ms: i64,
         len_max: i64,
         partition_len_max: &[i64],
     ) -> impl Future<Output = sqlx::Result<(Self::Claim, Vec<ClaimedRow>)>> + Send;

@@ -225,6 +225,7 @@ impl Dialect for Postgres {
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
+        _valid_ms: i64,
         len_max: i64,
         partition_len_max: &[i64],
     ) -> sqlx::Result<(Self::Claim, Vec<ClaimedRow>)> {

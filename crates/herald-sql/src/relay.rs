@@ -617,6 +617,7 @@ impl<DB: Backend> Relay<DB> {
             &self.pool,
             &self.holder,
             self.options.lease_ttl_ms as i64,
+            self.options.publish_timeout_ms as i64,
             len_max as i64,
             &limits,
         )

@@ -262,10 +262,27 @@ impl Dialect for Sqlite {
         pool: &Pool<Self>,
         holder: &str,
         ttl_ms: i64,
+        valid_ms: i64,
         len_max: i64,
         _partition_len_max: &[i64],
     ) -> sqlx::Result<((), Vec<ClaimedRow>)> {
-        let held = Self::renew(pool, holder, ttl_ms).await?;
+        // A renewal is a write transaction, with its sync: only when a lease would not
+        // outlast the publish. Otherwise the claim only reads.
+        let now = now_ms();
+        let leases: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, coalesce(expires_at, 0) FROM herald_outbox_leases WHERE holder = ?1",
+        )
+        .bind(holder)
+        .fetch_all(pool)
+        .await?;
+        let held = if leases
+            .iter()
+            .any(|&(_, expires_at)| expires_at - now <= valid_ms)
+        {
+            Self::renew(pool, holder, ttl_ms).await?
+        } else {
+            leases.into_iter().map(|(partition, _)| partition).collect()
+        };
         if held.is_empty() {
             return Ok(((), Vec::new()));
         }

@@ -5,6 +5,7 @@ use std::io::{self, Read as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{latency_histogram, record, round3};
@@ -58,6 +59,51 @@ fn sync_loop(path: &Path, duration: Duration) -> io::Result<(f64, u64)> {
     drop(file);
     std::fs::remove_file(path)?;
     Ok((syncs as f64 / seconds, histogram.value_at_quantile(0.5)))
+}
+
+/// The latency floor of a durable append at `rate` events per second on this disk: a
+/// group commit with nothing but the disk in the way. Events of `event_bytes` "arrive" on
+/// schedule (the `k`-th at `k / rate` seconds); one thread writes every event that has
+/// arrived in one `write`, `fdatasync`s, and records for each of them the time from its
+/// arrival to the end of that sync; then it starts again with the events that arrived
+/// meanwhile (sleeping until the next one is due when none has). No real writer can
+/// acknowledge sooner, since it has more to do between syncs; a stall of the disk shows up
+/// here just as it does in the log. Runs for `duration`; returns the latencies. Blocking.
+pub(crate) fn group_commit_floor(
+    path: &Path,
+    rate: f64,
+    event_bytes: usize,
+    duration: Duration,
+) -> io::Result<Histogram<u64>> {
+    let mut file = create(path)?;
+    let mut histogram = latency_histogram();
+    let rate = rate.max(1e-3);
+    let events = (duration.as_secs_f64() * rate).ceil().max(1.0) as u64;
+    let arrival = |k: u64| Duration::from_secs_f64(k as f64 / rate);
+    let mut block = Vec::new();
+    let started = Instant::now();
+    let mut next = 0u64;
+    while next < events {
+        let elapsed = started.elapsed();
+        let due = arrival(next);
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+            continue;
+        }
+        // Every event due by now: `k / rate <= elapsed`.
+        let arrived = ((elapsed.as_secs_f64() * rate) as u64 + 1).clamp(next + 1, events);
+        block.resize((arrived - next) as usize * event_bytes, 0xA5);
+        file.write_all(&block)?;
+        file.sync_data()?;
+        let synced = started.elapsed();
+        for k in next..arrived {
+            record(&mut histogram, synced.saturating_sub(arrival(k)));
+        }
+        next = arrived;
+    }
+    drop(file);
+    std::fs::remove_file(path)?;
+    Ok(histogram)
 }
 
 /// Writes 1 MiB blocks sequentially, `fdatasync` after each; returns MB per second.
@@ -159,6 +205,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let writes = measure_writes(dir.path(), Duration::from_millis(50)).unwrap();
         assert!(writes.fsync_per_sec > 0.0 && writes.mb_per_sec > 0.0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let floor = group_commit_floor(
+            &dir.path().join("floor"),
+            2_000.0,
+            500,
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        assert_eq!(floor.len(), 200);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
         std::fs::create_dir(dir.path().join("sub")).unwrap();

@@ -15,6 +15,14 @@
 //!   when `--batch` is above 1, and reading the `201` answer in full before the next request.
 //!   Any other answer fails the run.
 //!
+//! - **tcp_baseline**: no log and no HTTP: the same clients, each with one loopback TCP
+//!   connection (`TCP_NODELAY`) to a bare server task in this process, write the same JSON
+//!   (behind a 4-byte length) and read a fixed answer of [`TCP_ANSWER_BYTES`], about the
+//!   size of the HTTP server's `201`, before the next request. This is what the loopback
+//!   round trips alone cost on these cores: `tcp_baseline / in_process` is the most any
+//!   request-per-append protocol could reach here, and `http / tcp_baseline` is how close
+//!   the HTTP server comes to it.
+//!
 //! Latency is that of one append call (one request, from sending it to the end of its
 //! answer). `ratio` is the HTTP append rate over the in-process one. The clients run in the
 //! same process as the server, on the same cores, so their own cost (making the JSON,
@@ -36,6 +44,7 @@ use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::JoinSet;
 
 use super::baseline::{self, WriteBaseline};
@@ -92,6 +101,10 @@ const STRUCTURED: &str = "application/cloudevents+json";
 /// The media type of a batch.
 const BATCH: &str = "application/cloudevents-batch+json";
 
+/// The size of the bare TCP server's answer: about that of the HTTP server's `201`
+/// (status line, headers and the JSON body).
+const TCP_ANSWER_BYTES: usize = 256;
+
 /// The two scenarios, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -99,6 +112,8 @@ enum Scenario {
     InProcess,
     /// `POST /streams/{stream}` over a loopback connection.
     Http,
+    /// Length-prefixed JSON over a loopback connection to a bare server.
+    Tcp,
 }
 
 impl Scenario {
@@ -106,6 +121,7 @@ impl Scenario {
         match self {
             Scenario::InProcess => "in_process",
             Scenario::Http => "http",
+            Scenario::Tcp => "tcp_baseline",
         }
     }
 }
@@ -165,6 +181,11 @@ struct Report<'a> {
     scenarios: Vec<Row>,
     /// `http` appends per second over `in_process` appends per second.
     ratio: f64,
+    /// `tcp_baseline` round trips per second over `in_process` appends per second: the
+    /// most a protocol of one request per append could reach on these cores.
+    ratio_ceiling: f64,
+    /// `http` appends per second over `tcp_baseline` round trips per second.
+    ratio_to_tcp_baseline: f64,
     /// The ratio aimed for.
     target_ratio: f64,
     target_met: bool,
@@ -246,7 +267,7 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
             .context("cannot measure the raw-disk baselines")?;
 
     let mut results = Vec::new();
-    for scenario in [Scenario::InProcess, Scenario::Http] {
+    for scenario in [Scenario::InProcess, Scenario::Http, Scenario::Tcp] {
         let measured = run_scenario(scenario, dir, &settings)
             .await
             .with_context(|| format!("scenario {} failed", scenario.name()))?;
@@ -267,6 +288,8 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
             .map_or(0.0, |(_, measured)| measured.appends_per_sec())
     };
     let ratio = rate(Scenario::Http) / rate(Scenario::InProcess).max(1e-9);
+    let ratio_ceiling = rate(Scenario::Tcp) / rate(Scenario::InProcess).max(1e-9);
+    let ratio_to_tcp = rate(Scenario::Http) / rate(Scenario::Tcp).max(1e-9);
     let rows: Vec<Row> = results
         .iter()
         .map(|(scenario, measured)| row(*scenario, measured, &baseline))
@@ -285,6 +308,8 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
             baseline_mb_per_sec: round3(baseline.mb_per_sec),
             scenarios: rows,
             ratio: round3(ratio),
+            ratio_ceiling: round3(ratio_ceiling),
+            ratio_to_tcp_baseline: round3(ratio_to_tcp),
             target_ratio: TARGET_RATIO,
             target_met: ratio >= TARGET_RATIO,
         };
@@ -292,7 +317,11 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
     } else {
         println!("{}", table(&rows));
         println!(
-            "http / in_process: {ratio:.2} (target {TARGET_RATIO}); baseline: {:.0} fsync/s, \
+            "http / in_process: {ratio:.2} (target {TARGET_RATIO}); tcp_baseline / in_process: \
+             {ratio_ceiling:.2}; http / tcp_baseline: {ratio_to_tcp:.2}"
+        );
+        println!(
+            "baseline: {:.0} fsync/s, \
              p50 {} µs, {:.1} MB/s",
             baseline.fsync_per_sec, baseline.fsync_p50_us, baseline.mb_per_sec
         );
@@ -363,24 +392,29 @@ fn table(rows: &[Row]) -> Table {
     table
 }
 
-/// Runs `scenario` on a fresh log in `dir`, closing it afterwards.
+/// Runs `scenario`: the log scenarios on a fresh log in `dir`, closed afterwards.
 async fn run_scenario(
     scenario: Scenario,
     dir: &BenchDir,
     settings: &Settings,
 ) -> anyhow::Result<Measured> {
+    if scenario == Scenario::Tcp {
+        let server = TcpServer::start().await?;
+        let addr = server.addr;
+        let measured = drive(scenario, settings, move |_| tcp(addr)).await;
+        server.task.abort();
+        return measured;
+    }
     let log = store::open(Options::new(dir.log_dir(scenario.name()))).await?;
     store::closing(&log, async {
-        match scenario {
-            Scenario::InProcess => drive(scenario, settings, |_| in_process(log.clone())).await,
-            Scenario::Http => {
-                let server = Served::start(&log).await?;
-                let addr = server.addr;
-                let measured = drive(scenario, settings, move |_| http(addr)).await;
-                server.stop().await?;
-                measured
-            }
+        if scenario == Scenario::InProcess {
+            return drive(scenario, settings, |_| in_process(log.clone())).await;
         }
+        let server = Served::start(&log).await?;
+        let addr = server.addr;
+        let measured = drive(scenario, settings, move |_| http(addr)).await;
+        server.stop().await?;
+        measured
     })
     .await
 }
@@ -565,6 +599,81 @@ impl Appender for Http {
             String::from_utf8_lossy(&body)
         );
         Ok(())
+    }
+}
+
+/// Sends the JSON of the events to the bare TCP server on one connection, behind its
+/// length, and reads the fixed answer.
+struct Tcp {
+    stream: tokio::net::TcpStream,
+    answer: Vec<u8>,
+}
+
+/// Opens one connection to the bare TCP server at `addr`.
+async fn tcp(addr: SocketAddr) -> anyhow::Result<Tcp> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to the bare server at {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(Tcp {
+        stream,
+        answer: vec![0; TCP_ANSWER_BYTES],
+    })
+}
+
+impl Appender for Tcp {
+    async fn append(&mut self, _stream: &StreamName, events: Vec<Event>) -> anyhow::Result<()> {
+        let body = match events.as_slice() {
+            [event] => event.to_json(),
+            events => Event::batch_to_json(events),
+        };
+        let mut request = Vec::with_capacity(4 + body.len());
+        request.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
+        request.extend_from_slice(&body);
+        self.stream.write_all(&request).await?;
+        self.stream.read_exact(&mut self.answer).await?;
+        Ok(())
+    }
+}
+
+/// The bare TCP server: per connection, reads a length and that many bytes, and answers
+/// [`TCP_ANSWER_BYTES`] bytes, until the client closes.
+struct TcpServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpServer {
+    async fn start() -> anyhow::Result<TcpServer> {
+        let listener =
+            tokio::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.spawn(serve_tcp(stream));
+            }
+        });
+        Ok(TcpServer { addr, task })
+    }
+}
+
+/// Serves one connection of the bare TCP server.
+async fn serve_tcp(mut stream: tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let answer = [0x20u8; TCP_ANSWER_BYTES];
+    let mut request = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        request.resize(u32::from_be_bytes(len) as usize, 0);
+        if stream.read_exact(&mut request).await.is_err()
+            || stream.write_all(&answer).await.is_err()
+        {
+            return;
+        }
     }
 }
 

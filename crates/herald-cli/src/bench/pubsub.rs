@@ -32,6 +32,10 @@
 //!   its batch was *due*, not the time it was sent, so a publisher falling behind shows up
 //!   as latency instead of hiding it (no coordinated omission).
 //! - **consumers_1_bare_half_rate**: the same, with the bare stack, at the same rate.
+//! - **disk_floor_half_rate**: the latency floor of a durable append on this disk at that
+//!   same rate, for as long: a group commit of raw `write` + `fdatasync` with nothing else
+//!   in the way ([`baseline::group_commit_floor`]). Its p99 is the least any durable
+//!   broker could reach here in this run; a disk stall raises it as it raises the log's.
 //!
 //! CPU time is the whole process's user + system time from `/proc/self/stat` (Linux only;
 //! in clock ticks of 1/100 s), over the same span as the throughput. The middleware's cost
@@ -66,6 +70,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt as _};
 
+use super::baseline;
 use super::{BenchDir, Goal, Progress, latency_histogram, positive_secs, record, round3};
 use crate::store::{self, Options};
 
@@ -134,7 +139,7 @@ const HALF_RATE_SCENARIOS: [(&str, Stack); 2] = [
 const ISOLATED: &str = "isolated_pipeline";
 
 /// Every name `--scenario` accepts, in the order they run.
-const SCENARIO_NAMES: [&str; 8] = [
+const SCENARIO_NAMES: [&str; 9] = [
     "consumers_1_full",
     "consumers_1_bare",
     "consumers_4_full",
@@ -142,8 +147,12 @@ const SCENARIO_NAMES: [&str; 8] = [
     "channel_baseline",
     "consumers_1_full_half_rate",
     "consumers_1_bare_half_rate",
+    DISK_FLOOR,
     ISOLATED,
 ];
+
+/// The name of the disk's latency floor at half rate.
+const DISK_FLOOR: &str = "disk_floor_half_rate";
 
 /// The handler stack a broker scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +185,11 @@ enum Scenario {
     },
     /// Through a bounded tokio channel.
     Channel,
+    /// Raw `write` + `fdatasync` group commits of events arriving at this rate.
+    DiskFloor {
+        /// Events per second.
+        rate: f64,
+    },
 }
 
 impl Scenario {
@@ -183,6 +197,7 @@ impl Scenario {
         match self {
             Scenario::Broker { name, .. } => name,
             Scenario::Channel => "channel_baseline",
+            Scenario::DiskFloor { .. } => DISK_FLOOR,
         }
     }
 }
@@ -304,6 +319,9 @@ struct Targets {
     half_rate_p99_us: Option<u64>,
     half_rate_p99_target_us: u64,
     half_rate_p99_met: Option<bool>,
+    /// The p99 of `disk_floor_half_rate`: the least a durable broker could reach on this
+    /// disk at that rate in this run. Above the target, the target is out of reach here.
+    half_rate_p99_disk_floor_us: Option<u64>,
     /// At most 2 µs of CPU per event for the middleware (end to end, 1 consumer, at half
     /// rate).
     middleware_cpu_us_per_event: Option<f64>,
@@ -415,6 +433,13 @@ pub(crate) async fn run(args: Args, dir: &BenchDir) -> anyhow::Result<()> {
         let measured = run_scenario(scenario, dir, &settings).await?;
         results.push((scenario, measured));
     }
+    if let Some(rate) = full_rate.filter(|_| selected(DISK_FLOOR)) {
+        let scenario = Scenario::DiskFloor {
+            rate: round3(rate / 2.0),
+        };
+        let measured = run_scenario(scenario, dir, &settings).await?;
+        results.push((scenario, measured));
+    }
 
     let isolated_calls = limit.events_max().clamp(1, 200_000);
     let isolated = if selected(ISOLATED) {
@@ -478,6 +503,9 @@ async fn run_scenario(
         Scenario::Channel => drive_channel(settings)
             .await
             .context("scenario channel_baseline failed")?,
+        Scenario::DiskFloor { rate } => disk_floor(dir, rate, settings)
+            .await
+            .with_context(|| format!("scenario {DISK_FLOOR} failed"))?,
     };
     eprintln!(
         "{}: {} of {} events in {:.1} s, {:.0} events/s, p99 {} µs",
@@ -954,6 +982,31 @@ impl Publishing {
     }
 }
 
+/// The disk's latency floor at `rate` ([`baseline::group_commit_floor`]), for as long as a
+/// scenario publishes: `--duration-secs`, or the time `--events` take at that rate.
+async fn disk_floor(dir: &BenchDir, rate: f64, settings: &Settings) -> anyhow::Result<Measured> {
+    let duration = match settings.limit {
+        Limit::Duration(duration) => duration,
+        Limit::Events(events) => Duration::from_secs_f64(events as f64 / rate.max(1e-3)),
+    };
+    let path = dir.path().join(DISK_FLOOR);
+    let event_bytes = settings.maker.event(0, 0).to_json().len();
+    let started = Instant::now();
+    let latencies = tokio::task::spawn_blocking(move || {
+        baseline::group_commit_floor(&path, rate, event_bytes, duration)
+    })
+    .await
+    .context("the disk floor task panicked")??;
+    Ok(Measured {
+        published: latencies.len(),
+        events: latencies.len(),
+        duplicates: 0,
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: None,
+        latencies,
+    })
+}
+
 /// The channel baseline: the same producers and events, a bounded mpsc, one receiving task
 /// running the same handler code.
 async fn drive_channel(settings: &Settings) -> anyhow::Result<Measured> {
@@ -1104,6 +1157,7 @@ fn report<'a>(
                     ..
                 } => (Some(consumers), stack.name(), rate),
                 Scenario::Channel => (None, "channel", None),
+                Scenario::DiskFloor { rate } => (None, "raw_fdatasync", Some(rate)),
             };
             Row {
                 scenario: scenario.name(),
@@ -1150,8 +1204,8 @@ fn report<'a>(
         .filter_map(find)
         .map(Measured::events_per_sec)
         .fold(0.0, f64::max);
-    let half_rate_p99_us = find("consumers_1_full_half_rate")
-        .map(|measured| measured.latencies.value_at_quantile(0.99));
+    let p99 = |name: &str| find(name).map(|measured| measured.latencies.value_at_quantile(0.99));
+    let half_rate_p99_us = p99("consumers_1_full_half_rate");
     let targets = Targets {
         throughput_events_per_sec: round3(throughput),
         throughput_target: 100_000.0,
@@ -1159,6 +1213,7 @@ fn report<'a>(
         half_rate_p99_us,
         half_rate_p99_target_us: 10_000,
         half_rate_p99_met: half_rate_p99_us.map(|p99| p99 <= 10_000),
+        half_rate_p99_disk_floor_us: p99(DISK_FLOOR),
         middleware_cpu_us_per_event: middleware.middleware_cpu_us_per_event,
         middleware_cpu_target_us: 2.0,
         middleware_cpu_met: middleware.middleware_cpu_us_per_event.map(|cpu| cpu <= 2.0),
@@ -1240,6 +1295,14 @@ fn middleware_table(report: &Report<'_>) -> Table {
             .map_or_else(|| "-".to_owned(), |p99| p99.to_string()),
         "≤ 10000".to_owned(),
         met(targets.half_rate_p99_met).to_owned(),
+    ]);
+    table.add_row([
+        "p99 at half rate, disk floor (raw fdatasync), µs".to_owned(),
+        targets
+            .half_rate_p99_disk_floor_us
+            .map_or_else(|| "-".to_owned(), |p99| p99.to_string()),
+        String::new(),
+        String::new(),
     ]);
     table.add_row([
         "middleware CPU µs/event, half rate".to_owned(),
