@@ -145,6 +145,17 @@ impl BenchDir {
         self.dir.path().join(name)
     }
 
+    /// Removes the log directory `name` and flushes the file system (`syncfs`), so that
+    /// the next scenario does not pay for this one's writes and deletions: freeing hundreds
+    /// of MB leaves the disk busy with metadata for seconds, and the syncs of whatever runs
+    /// meanwhile wait behind it.
+    pub(crate) fn remove_log_dir(&self, name: &str) -> std::io::Result<()> {
+        std::fs::remove_dir_all(self.log_dir(name))?;
+        let dir = std::fs::File::open(self.path())?;
+        rustix::fs::syncfs(&dir)?;
+        Ok(())
+    }
+
     /// The file system type, for the report.
     pub(crate) fn filesystem(&self) -> Option<&str> {
         self.filesystem.as_deref()

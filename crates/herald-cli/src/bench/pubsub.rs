@@ -497,7 +497,9 @@ async fn run_scenario(
             .await
             .with_context(|| format!("scenario {name} failed"));
             // Each scenario's log can be hundreds of MB: free the space before the next.
-            let _ = std::fs::remove_dir_all(&log_dir);
+            if let Err(error) = dir.remove_log_dir(name) {
+                eprintln!("warning: cannot remove {}: {error}", log_dir.display());
+            }
             measured?
         }
         Scenario::Channel => drive_channel(settings)
