@@ -269,19 +269,20 @@ impl Dialect for Sqlite {
         // A renewal is a write transaction, with its sync: only when a lease would not
         // outlast the publish. Otherwise the claim only reads.
         let now = now_ms();
-        let leases: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, coalesce(expires_at, 0) FROM herald_outbox_leases WHERE holder = ?1",
+        let (partitions, expires_at): (Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT json_group_array(partition), min(coalesce(expires_at, 0))
+             FROM herald_outbox_leases WHERE holder = ?1",
         )
         .bind(holder)
-        .fetch_all(pool)
+        .fetch_one(pool)
         .await?;
-        let held = if leases
-            .iter()
-            .any(|&(_, expires_at)| expires_at - now <= valid_ms)
-        {
-            Self::renew(pool, holder, ttl_ms).await?
-        } else {
-            leases.into_iter().map(|(partition, _)| partition).collect()
+        let held: Vec<i32> = match expires_at {
+            None => Vec::new(),
+            Some(expires_at) if expires_at - now <= valid_ms => {
+                Self::renew(pool, holder, ttl_ms).await?
+            }
+            Some(_) => serde_json::from_str(partitions.as_deref().unwrap_or("[]"))
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
         };
         if held.is_empty() {
             return Ok(((), Vec::new()));
