@@ -5,13 +5,13 @@
 //!
 //! Terminal states are awaited with the long-poll `GET /api/orders/{id}?waitMs=`, which the
 //! order service answers as soon as the order settles. The audit service records the last
-//! event of a flow a moment after the order settled, and its API has no long-poll: the tests
-//! read the trail again until it holds the expected number of events, up to [`WAIT`].
+//! event of a flow a moment after the order settled, so before reading a trail (or the
+//! metrics of a dead letter) the tests wait with `GET /api/idle?waitMs=` for the system to
+//! be idle: every effect of what they did has happened then.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use common::http::{Herald, Reply};
 use hyper::body::Bytes;
@@ -24,14 +24,6 @@ const WAIT_MS: u64 = 30_000;
 
 /// How many long-polls a test makes for one order before it fails.
 const WAIT_POLLS_MAX: usize = 4;
-
-/// The longest a test waits for an audit trail to be complete. A guard against a hang, not a
-/// timing assertion.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// The pause between two reads of an audit trail (or of the metrics) that is not complete
-/// yet.
-const TRAIL_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The body of `POST /api/orders`.
 fn order(customer: &str, items: &[(&str, u32)], payment_method: &str) -> Value {
@@ -105,6 +97,14 @@ async fn stock(herald: &Herald) -> BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
+/// Waits for the system to be idle (`GET /api/idle?waitMs=`), failing if it is still busy
+/// after [`WAIT_MS`]: a guard against a hang, not a timing assertion.
+async fn wait_idle(herald: &Herald) {
+    let reply = herald.get(&format!("/api/idle?waitMs={WAIT_MS}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["idle"], true, "still busy: {}", reply.body);
+}
+
 /// Every order stored, newest first.
 async fn orders(herald: &Herald) -> Vec<Value> {
     let reply = herald.get("/api/orders?limit=500").await;
@@ -117,18 +117,12 @@ async fn orders(herald: &Herald) -> Vec<Value> {
 /// first has no cause and that every later one was caused by the one before it.
 async fn trail(herald: &Herald, order: &Value, len: usize) -> Vec<String> {
     let correlation_id = order["correlationId"].as_str().unwrap();
-    let deadline = Instant::now() + WAIT;
-    let events = loop {
-        let reply = herald
-            .get(&format!("/api/audit?correlationId={correlation_id}"))
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-        let events = reply.body["events"].as_array().unwrap().clone();
-        if events.len() >= len || Instant::now() > deadline {
-            break events;
-        }
-        tokio::time::sleep(TRAIL_POLL_INTERVAL).await;
-    };
+    wait_idle(herald).await;
+    let reply = herald
+        .get(&format!("/api/audit?correlationId={correlation_id}"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let events = reply.body["events"].as_array().unwrap().clone();
     let mut cause = Value::Null;
     for event in &events {
         assert_eq!(event["correlationId"], correlation_id, "{event}");
@@ -314,17 +308,13 @@ async fn a_gateway_that_always_fails_dead_letters_the_payment() {
     let placed = place(&herald, &order("cust-grace", &[("prod-webcam", 1)], "card")).await;
     // Every retry fails too: once they are exhausted the payment's consumer dead-letters the
     // event, and the order waits, pending, for a replay.
-    let dead_lettered = r#"herald_dead_letters_total{group="payment",topic="orders"} 1"#;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let metrics = herald.get("/metrics").await;
-        let text = metrics.body.as_str().unwrap();
-        if text.contains(dead_lettered) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no dead letter: {text}");
-        tokio::time::sleep(TRAIL_POLL_INTERVAL).await;
-    }
+    wait_idle(&herald).await;
+    let metrics = herald.get("/metrics").await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains(r#"herald_dead_letters_total{group="payment",topic="orders"} 1"#),
+        "one dead letter: {text}"
+    );
     let order = herald
         .get(&format!(
             "/api/orders/{}",

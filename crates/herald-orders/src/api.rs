@@ -9,6 +9,7 @@
 //! | `GET /api/analytics`                 | the read model                                    |
 //! | `GET /api/audit?correlationId=`      | the events of a flow, in causal order             |
 //! | `GET /api/notifications?orderId=`    | the e-mails sent (about one order)                |
+//! | `GET /api/idle`                      | whether the system is idle; `?waitMs=` waits for it to be |
 //!
 //! # Contract
 //!
@@ -29,6 +30,12 @@
 //!   `422` (`idempotency-key-reused`). Keys do not expire.
 //! - Lists hold at most [`ORDERS_LEN_MAX`] orders (default [`ORDERS_LEN_DEFAULT`]), and
 //!   `waitMs` is at most [`WAIT_MS_MAX`].
+//! - `GET /api/idle` answers `{"idle": true}` once every outbox is empty, every consumer
+//!   group has committed the whole topic and the analytics projection has read the whole
+//!   log ([`SystemHandle::wait_idle`]); after `waitMs` (default 0) without that, `{"idle":
+//!   false, "busy": "…"}` saying what is still busy. At most [`IDLE_WAITERS_MAX`] such
+//!   requests wait at once; more are `503` (`too-many-waiters`). Scripts and tests use it to
+//!   wait for the effects of what they did (an audit trail, a dead letter) without polling.
 
 use std::time::Duration;
 
@@ -51,7 +58,7 @@ use crate::services::order::{
 };
 use crate::services::payment::{self, PaymentSummary};
 use crate::services::{analytics, inventory};
-use crate::system::SystemHandle;
+use crate::system::{IdleError, SystemHandle};
 
 /// The largest `POST /api/orders` body accepted, in bytes.
 pub const ORDER_BODY_SIZE_MAX_BYTES: usize = 64 * 1024;
@@ -61,6 +68,8 @@ pub const ORDERS_LEN_MAX: u32 = 500;
 pub const ORDERS_LEN_DEFAULT: u32 = 50;
 /// The longest `waitMs` of `GET /api/orders/{id}`.
 pub const WAIT_MS_MAX: u64 = 30_000;
+/// The most `GET /api/idle` requests waiting at once.
+pub const IDLE_WAITERS_MAX: usize = 16;
 /// The header marking an answer replayed for a reused `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 
@@ -88,6 +97,7 @@ pub(crate) fn router(system: SystemHandle) -> Router {
             "/api/notifications",
             get(notifications).fallback(method_not_allowed),
         )
+        .route("/api/idle", get(idle).fallback(method_not_allowed))
         .with_state(system)
 }
 
@@ -232,15 +242,42 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct OrderQuery {
+struct WaitQuery {
     wait_ms: Option<u64>,
 }
 
-async fn get_order(
+/// The answer of `GET /api/idle`.
+#[derive(Debug, Serialize)]
+struct Idleness {
+    idle: bool,
+    /// What was still busy at the last look, when not idle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy: Option<String>,
+}
+
+async fn idle(
     State(system): State<SystemHandle>,
-    Path(order_id): Path<String>,
-    query: Result<Query<OrderQuery>, QueryRejection>,
-) -> Result<Json<OrderDetails>, Problem> {
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Json<Idleness>, Problem> {
+    let wait_ms = wait_ms(query)?;
+    let Ok(_waiting) = system.idle_waiters().try_acquire() else {
+        return Err(too_many_waiters("idleness"));
+    };
+    match system.wait_idle(Duration::from_millis(wait_ms)).await {
+        Ok(()) => Ok(Json(Idleness {
+            idle: true,
+            busy: None,
+        })),
+        Err(IdleError::TimedOut { busy, .. }) => Ok(Json(Idleness {
+            idle: false,
+            busy: Some(busy),
+        })),
+        Err(error @ IdleError::Check(_)) => Err(Problem::internal(&error)),
+    }
+}
+
+/// The `waitMs` of a query, checked: 0 when absent.
+fn wait_ms(query: Result<Query<WaitQuery>, QueryRejection>) -> Result<u64, Problem> {
     let Query(query) = query.map_err(invalid_query)?;
     let wait_ms = query.wait_ms.unwrap_or(0);
     if wait_ms > WAIT_MS_MAX {
@@ -250,6 +287,25 @@ async fn get_order(
             format!("waitMs must be at most {WAIT_MS_MAX}"),
         ));
     }
+    Ok(wait_ms)
+}
+
+/// More requests wait than the server keeps waiting.
+fn too_many_waiters(what: &str) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too-many-waiters",
+        "Too many waiting requests",
+        format!("too many requests are waiting for {what}; retry without waitMs"),
+    )
+}
+
+async fn get_order(
+    State(system): State<SystemHandle>,
+    Path(order_id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Json<OrderDetails>, Problem> {
+    let wait_ms = wait_ms(query)?;
     let order = if wait_ms == 0 {
         system
             .order_service()
@@ -263,14 +319,7 @@ async fn get_order(
             .await
         {
             Ok(order) => order,
-            Err(WaitError::TooManyWaiters) => {
-                return Err(Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too-many-waiters",
-                    "Too many waiting requests",
-                    "too many requests are waiting for orders; retry without waitMs",
-                ));
-            }
+            Err(WaitError::TooManyWaiters) => return Err(too_many_waiters("orders")),
             Err(WaitError::Db(error)) => return Err(Problem::internal(&error)),
         }
     };

@@ -52,8 +52,11 @@ impl Problem {
     }
 
     /// A failure of the system itself: `503` while it shuts down, `500` otherwise (logged).
-    pub(crate) fn internal(error: &crate::db::Error) -> Self {
-        if matches!(error, crate::db::Error::Closed) {
+    pub(crate) fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        if matches!(
+            error.downcast_ref::<crate::db::Error>(),
+            Some(crate::db::Error::Closed)
+        ) {
             return Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -281,6 +281,8 @@ struct Shared {
     analytics: Arc<AnalyticsService>,
     dead_letters: Arc<EventStoreDeadLetters>,
     consumers: BTreeMap<Service, (GroupName, ConsumerHandle, Router)>,
+    /// Bounds the `GET /api/idle` requests waiting at once.
+    idle_waiters: tokio::sync::Semaphore,
 }
 
 impl SystemOptions {
@@ -497,6 +499,7 @@ impl SystemOptions {
                     analytics,
                     dead_letters,
                     consumers: handles,
+                    idle_waiters: tokio::sync::Semaphore::new(crate::api::IDLE_WAITERS_MAX),
                 }),
             },
             consumers,
@@ -874,6 +877,11 @@ impl SystemHandle {
             busy.push(format!("log: {} appended meanwhile", after - before));
         }
         Ok((!busy.is_empty()).then(|| busy.join(", ")))
+    }
+
+    /// Bounds the `GET /api/idle` requests waiting at once.
+    pub(crate) fn idle_waiters(&self) -> &tokio::sync::Semaphore {
+        &self.shared.idle_waiters
     }
 
     pub(crate) fn order_service(&self) -> &OrderService {

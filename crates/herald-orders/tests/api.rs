@@ -396,3 +396,46 @@ async fn waiting_for_an_order_that_does_not_settle_answers_at_the_timeout() {
     assert_eq!(waited.body["payment"]["status"], Value::Null);
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_says_what_is_still_busy_and_waits_for_the_rest() {
+    // A gateway that always fails, and a retry that waits an hour: the payment's consumer
+    // keeps its event uncommitted, so the system stays busy until it stops.
+    let mut options = common::options();
+    options.transient_error_rate = 1.0;
+    options.pipeline.retry.delay_initial_ms = 3_600_000;
+    options.pipeline.retry.delay_max_ms = 3_600_000;
+    options.pipeline.retry.elapsed_max_ms = 7_200_000;
+    options.pipeline.timeout_ms = 7_200_000;
+    let system = start(options).await;
+    let idle = system.get("/api/idle").await;
+    assert_eq!(idle.status, StatusCode::OK);
+    assert_eq!(idle.body, json!({ "idle": true }));
+
+    system
+        .place("cust-alice", &[("prod-mouse", 1)], "card")
+        .await;
+    for uri in ["/api/idle", "/api/idle?waitMs=50"] {
+        let busy = system.get(uri).await;
+        assert_eq!(busy.status, StatusCode::OK);
+        assert_eq!(busy.body["idle"], false, "{uri}: {}", busy.body);
+        assert!(
+            busy.body["busy"].as_str().unwrap().contains("payment"),
+            "{uri}: {}",
+            busy.body
+        );
+    }
+
+    system
+        .get(&format!(
+            "/api/idle?waitMs={}",
+            herald_orders::api::WAIT_MS_MAX + 1
+        ))
+        .await
+        .problem(StatusCode::BAD_REQUEST, "invalid-query");
+    system
+        .get("/api/idle?waitMs=soon")
+        .await
+        .problem(StatusCode::BAD_REQUEST, "invalid-query");
+    system.stop().await;
+}
