@@ -102,8 +102,10 @@ impl Default for SystemOptions {
             },
             relay: RelayOptions {
                 on_publish: OnPublish::Delete,
-                // One relay per database in one process: after a crash its successor
-                // takes the lease over within this.
+                // One relay per database, in the one process that holds the data
+                // directory (the embedded log's lock): a relay starting there is alone, so
+                // it takes over at once the leases a crashed predecessor left.
+                take_over_on_start: true,
                 lease_ttl_ms: 3_000,
                 publish_timeout_ms: 2_000,
                 ..RelayOptions::default()

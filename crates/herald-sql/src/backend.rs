@@ -106,6 +106,10 @@ pub(crate) trait Dialect: sqlx::Database {
     /// Releases every lease of `holder` and unregisters it.
     fn leave(pool: &Pool<Self>, holder: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
 
+    /// Releases every lease held by a relay other than `holder` and unregisters the other
+    /// relays, in one transaction.
+    fn take_over(pool: &Pool<Self>, holder: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
+
     /// Whether [`Dialect::claim`] reads each partition's rows separately, at most
     /// `partition_len_max[partition]` of them (PostgreSQL), rather than in one scan of
     /// every held partition in `seq` order (SQLite).

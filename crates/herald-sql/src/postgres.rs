@@ -204,6 +204,22 @@ impl Dialect for Postgres {
         Ok(())
     }
 
+    async fn take_over(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL
+             WHERE holder <> $1",
+        )
+        .bind(holder)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM herald_outbox_relays WHERE holder <> $1")
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
     async fn leave(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
         let mut tx = pool.begin().await?;
         sqlx::query(

@@ -23,7 +23,9 @@
 //!   leases until they expire, at most `lease_ttl_ms` after its last renewal: then the
 //!   others take them (bounded fail-over). A relay whose lease was taken stops touching
 //!   that partition. On SQLite one relay holds every partition; another takes over when
-//!   that lease expires.
+//!   that lease expires. A relay that knows it is alone on its database
+//!   ([`RelayOptions::take_over_on_start`]) releases every other holder's leases when it
+//!   starts, so a restart after a crash does not wait for them to expire.
 //! - **Claim (PostgreSQL).** A batch runs in one transaction that first locks the lease
 //!   rows of the partitions the relay holds (`FOR UPDATE SKIP LOCKED`, renewing them), and
 //!   keeps them locked through the publish until the rows are marked: a lease can change
@@ -156,6 +158,12 @@ pub struct RelayOptions {
     /// A name for this relay, the start of its holder id in the lease table (e.g. the
     /// host name); at most [`NAME_LEN_MAX`] bytes.
     pub name: Option<String>,
+    /// On start, release the leases every other relay holds, live or not, instead of
+    /// waiting up to `lease_ttl_ms` for those of a relay that died to expire. Only for a
+    /// relay that knows no other can be running on its database, e.g. because its process
+    /// holds an exclusive lock that any other relay's process would need: set on a shared
+    /// database, two relays would publish the same partitions.
+    pub take_over_on_start: bool,
 }
 
 impl Default for RelayOptions {
@@ -175,6 +183,7 @@ impl Default for RelayOptions {
             listen: true,
             database_retry_delay_ms: 1_000,
             name: None,
+            take_over_on_start: false,
         }
     }
 }
@@ -427,6 +436,9 @@ impl<DB: Backend> Relay<DB> {
                      {LEASE_PARTITIONS}"
                 ),
             });
+        }
+        if self.options.take_over_on_start {
+            DB::take_over(&self.pool, &self.holder).await?;
         }
         let listening = shutdown.child_token();
         let listener = (DB::NOTIFIES && self.options.listen).then(|| {

@@ -28,6 +28,7 @@ on_both_backends! {
     rows_can_be_deleted_once_published => delete_on_publish;
     events_the_broker_already_has_are_not_stored_twice => republished;
     a_busy_key_drains_in_full_batches_without_waiting_for_a_poll => busy_key;
+    a_relay_taking_over_does_not_wait_for_dead_leases => taken_over;
 }
 
 /// Options for tests: quick polls and retries, short leases.
@@ -369,6 +370,68 @@ fn sleepy_options() -> RelayOptions {
         retention_interval_ms: 3_600_000,
         ..options()
     }
+}
+
+async fn taken_over<DB: Business>(pool: Pool<DB>) {
+    let broker = InMemoryBroker::new(1);
+    // A relay with hour-long leases dies holding them: its task ends without releasing.
+    let dead = sleepy_options()
+        .build(pool.clone(), publisher(broker.clone()))
+        .unwrap();
+    let dead_handle = dead.handle();
+    let dead_holder = dead.holder().to_owned();
+    let running = tokio::spawn(dead.run(CancellationToken::new()));
+    tokio::time::timeout(
+        HANG_GUARD,
+        dead_handle.wait_for(|progress| !progress.held.is_empty()),
+    )
+    .await
+    .expect("the first relay took its leases");
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    let leases = status(&pool).await.unwrap().leases;
+    assert!(
+        leases
+            .iter()
+            .any(|lease| lease.holder.as_deref() == Some(&dead_holder))
+    );
+
+    let events: Vec<Event> = (0..10).map(|n| order_event("order-1", n)).collect();
+    let mut tx = pool.begin().await.unwrap();
+    for event in &events {
+        Outbox::new(topic("orders"))
+            .enqueue(&mut tx, event)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Without the take-over its successor would wait an hour for those leases.
+    let successor = RelayOptions {
+        take_over_on_start: true,
+        ..sleepy_options()
+    }
+    .build(pool.clone(), publisher(broker.clone()))
+    .unwrap();
+    let handle = successor.handle();
+    let holder = successor.holder().to_owned();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(successor.run(shutdown.clone()));
+    tokio::time::timeout(HANG_GUARD, handle.wait_for(|p| p.published >= 10))
+        .await
+        .expect("the successor published without waiting for the dead relay's leases");
+    let outbox = status(&pool).await.unwrap();
+    assert_eq!(outbox.backlog, 0);
+    assert!(
+        outbox
+            .leases
+            .iter()
+            .all(|lease| lease.holder.as_deref() == Some(holder.as_str())),
+        "{:?}",
+        outbox.leases
+    );
+    assert!(outbox.relays.iter().all(|relay| relay.holder == holder));
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
