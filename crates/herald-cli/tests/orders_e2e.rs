@@ -112,9 +112,10 @@ async fn orders(herald: &Herald) -> Vec<Value> {
     reply.body["orders"].as_array().unwrap().clone()
 }
 
-/// The audit trail of `order` once it holds `len` events: their types, after checking that
-/// each event carries the correlation id and the order id as its partition key, that the
-/// first has no cause and that every later one was caused by the one before it.
+/// The audit trail of `order` once the system is idle: their types, after checking that it
+/// holds `len` events, that each carries the correlation id and the order id as its
+/// partition key, that the first has no cause and that every later one was caused by the
+/// one before it.
 async fn trail(herald: &Herald, order: &Value, len: usize) -> Vec<String> {
     let correlation_id = order["correlationId"].as_str().unwrap();
     wait_idle(herald).await;
@@ -123,6 +124,7 @@ async fn trail(herald: &Herald, order: &Value, len: usize) -> Vec<String> {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     let events = reply.body["events"].as_array().unwrap().clone();
+    assert_eq!(events.len(), len, "{}", reply.body);
     let mut cause = Value::Null;
     for event in &events {
         assert_eq!(event["correlationId"], correlation_id, "{event}");
