@@ -9,7 +9,7 @@ mod common;
 use common::{herald, success};
 
 /// The scenarios the report must hold, in order.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "consumers_1_full",
     "consumers_1_bare",
     "consumers_4_full",
@@ -17,6 +17,7 @@ const SCENARIOS: [&str; 7] = [
     "channel_baseline",
     "consumers_1_full_half_rate",
     "consumers_1_bare_half_rate",
+    "disk_floor_half_rate",
 ];
 
 #[test]
@@ -58,6 +59,7 @@ fn a_small_pubsub_bench_reports_every_scenario_fully_delivered() {
     }
     assert!(scenarios[5]["target_rate"].is_number());
     assert_eq!(scenarios[5]["target_rate"], scenarios[6]["target_rate"]);
+    assert_eq!(scenarios[5]["target_rate"], scenarios[7]["target_rate"]);
     for field in [
         "middleware_cpu_us_per_event",
         "middleware_cpu_us_per_event_max_rate",
@@ -77,6 +79,7 @@ fn a_small_pubsub_bench_reports_every_scenario_fully_delivered() {
         "throughput_met",
         "half_rate_p99_us",
         "half_rate_p99_met",
+        "half_rate_p99_disk_floor_us",
         "middleware_cpu_us_per_event",
         "middleware_cpu_met",
     ] {

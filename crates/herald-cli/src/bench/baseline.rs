@@ -68,17 +68,17 @@ fn sync_loop(path: &Path, duration: Duration) -> io::Result<(f64, u64)> {
 /// arrival to the end of that sync; then it starts again with the events that arrived
 /// meanwhile (sleeping until the next one is due when none has). No real writer can
 /// acknowledge sooner, since it has more to do between syncs; a stall of the disk shows up
-/// here just as it does in the log. Runs for `duration`; returns the latencies. Blocking.
+/// here just as it does in the log. Runs until `events` events are synced; returns their
+/// latencies. Blocking.
 pub(crate) fn group_commit_floor(
     path: &Path,
     rate: f64,
     event_bytes: usize,
-    duration: Duration,
+    events: u64,
 ) -> io::Result<Histogram<u64>> {
     let mut file = create(path)?;
     let mut histogram = latency_histogram();
     let rate = rate.max(1e-3);
-    let events = (duration.as_secs_f64() * rate).ceil().max(1.0) as u64;
     let arrival = |k: u64| Duration::from_secs_f64(k as f64 / rate);
     let mut block = Vec::new();
     let started = Instant::now();
@@ -207,13 +207,7 @@ mod tests {
         assert!(writes.fsync_per_sec > 0.0 && writes.mb_per_sec > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
-        let floor = group_commit_floor(
-            &dir.path().join("floor"),
-            2_000.0,
-            500,
-            Duration::from_millis(100),
-        )
-        .unwrap();
+        let floor = group_commit_floor(&dir.path().join("floor"), 2_000.0, 500, 200).unwrap();
         assert_eq!(floor.len(), 200);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 

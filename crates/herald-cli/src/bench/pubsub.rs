@@ -984,18 +984,18 @@ impl Publishing {
     }
 }
 
-/// The disk's latency floor at `rate` ([`baseline::group_commit_floor`]), for as long as a
-/// scenario publishes: `--duration-secs`, or the time `--events` take at that rate.
+/// The disk's latency floor at `rate` ([`baseline::group_commit_floor`]), for as many
+/// events as a scenario publishes: `--events`, or those of `--duration-secs` at that rate.
 async fn disk_floor(dir: &BenchDir, rate: f64, settings: &Settings) -> anyhow::Result<Measured> {
-    let duration = match settings.limit {
-        Limit::Duration(duration) => duration,
-        Limit::Events(events) => Duration::from_secs_f64(events as f64 / rate.max(1e-3)),
+    let events = match settings.limit {
+        Limit::Duration(duration) => (duration.as_secs_f64() * rate).ceil().max(1.0) as u64,
+        Limit::Events(events) => events,
     };
     let path = dir.path().join(DISK_FLOOR);
     let event_bytes = settings.maker.event(0, 0).to_json().len();
     let started = Instant::now();
     let latencies = tokio::task::spawn_blocking(move || {
-        baseline::group_commit_floor(&path, rate, event_bytes, duration)
+        baseline::group_commit_floor(&path, rate, event_bytes, events)
     })
     .await
     .context("the disk floor task panicked")??;
