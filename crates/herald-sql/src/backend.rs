@@ -14,6 +14,15 @@ use tokio_util::sync::CancellationToken;
 use crate::outbox::OutboxRow;
 use crate::outbox::OutboxStatus;
 
+/// Whose leases and registrations [`Dialect::leave`] and [`Dialect::take_over`] drop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Holders {
+    /// The named relay's.
+    Only,
+    /// Every relay's but the named one's.
+    Others,
+}
+
 /// A database Herald's SQL components run on: `sqlx::Postgres` or `sqlx::Sqlite`.
 ///
 /// Sealed: the statements behind it are written for each database, and the crate's tests

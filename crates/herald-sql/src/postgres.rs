@@ -10,7 +10,7 @@ use sqlx::{PgConnection, Pool, Postgres, Row as _};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ClaimedRow, Dialect, Failure};
+use crate::backend::{ClaimedRow, Dialect, Failure, Holders};
 use crate::outbox::OutboxRow;
 use crate::outbox::{FailingRow, Lease, NOTIFY_CHANNEL, OutboxStatus, RelayInfo};
 
@@ -205,34 +205,11 @@ impl Dialect for Postgres {
     }
 
     async fn take_over(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL
-             WHERE holder <> $1",
-        )
-        .bind(holder)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM herald_outbox_relays WHERE holder <> $1")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        forget_holders(pool, holder, Holders::Others).await
     }
 
     async fn leave(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder = $1",
-        )
-        .bind(holder)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM herald_outbox_relays WHERE holder = $1")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        forget_holders(pool, holder, Holders::Only).await
     }
 
     const CLAIMS_PER_PARTITION: bool = true;
@@ -475,4 +452,23 @@ impl Dialect for Postgres {
             .await?;
         Ok(())
     }
+}
+
+/// Frees the leases of `holder`, or of every relay but `holder`, and unregisters them, in one
+/// transaction.
+async fn forget_holders(pool: &Pool<Postgres>, holder: &str, which: Holders) -> sqlx::Result<()> {
+    let (leases, relays) = match which {
+        Holders::Only => (
+            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder = $1",
+            "DELETE FROM herald_outbox_relays WHERE holder = $1",
+        ),
+        Holders::Others => (
+            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder <> $1",
+            "DELETE FROM herald_outbox_relays WHERE holder <> $1",
+        ),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(leases).bind(holder).execute(&mut *tx).await?;
+    sqlx::query(relays).bind(holder).execute(&mut *tx).await?;
+    tx.commit().await
 }

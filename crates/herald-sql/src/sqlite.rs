@@ -16,7 +16,7 @@ use sqlx::{Pool, Row as _, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{ClaimedRow, Dialect, Failure};
+use crate::backend::{ClaimedRow, Dialect, Failure, Holders};
 use crate::outbox::OutboxRow;
 use crate::outbox::{FailingRow, Lease, OutboxStatus, RelayInfo};
 
@@ -240,38 +240,13 @@ impl Dialect for Sqlite {
     }
 
     async fn take_over(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL
-             WHERE holder <> ?1",
-        )
-        .bind(holder)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM herald_outbox_relays WHERE holder <> ?1")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        forget_holders(pool, holder, Holders::Others).await
     }
 
     async fn leave(pool: &Pool<Self>, holder: &str) -> sqlx::Result<()> {
-        let mut tx = pool.begin().await?;
-        sqlx::query(
-            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder = ?1",
-        )
-        .bind(holder)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM herald_outbox_relays WHERE holder = ?1")
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        forget_holders(pool, holder, Holders::Only).await
     }
 
-    // One scan of the unpublished rows in `seq` order: the claim reads about `len_max`
-    // index entries whatever the partitions.
     const CLAIMS_PER_PARTITION: bool = false;
 
     async fn claim(
@@ -466,4 +441,23 @@ impl Dialect for Sqlite {
             .await?;
         Ok(())
     }
+}
+
+/// Frees the leases of `holder`, or of every relay but `holder`, and unregisters them, in one
+/// transaction.
+async fn forget_holders(pool: &Pool<Sqlite>, holder: &str, which: Holders) -> sqlx::Result<()> {
+    let (leases, relays) = match which {
+        Holders::Only => (
+            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder = ?1",
+            "DELETE FROM herald_outbox_relays WHERE holder = ?1",
+        ),
+        Holders::Others => (
+            "UPDATE herald_outbox_leases SET holder = NULL, expires_at = NULL WHERE holder <> ?1",
+            "DELETE FROM herald_outbox_relays WHERE holder <> ?1",
+        ),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(leases).bind(holder).execute(&mut *tx).await?;
+    sqlx::query(relays).bind(holder).execute(&mut *tx).await?;
+    tx.commit().await
 }
