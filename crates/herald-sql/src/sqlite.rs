@@ -247,6 +247,8 @@ impl Dialect for Sqlite {
         forget_holders(pool, holder, Holders::Only).await
     }
 
+    // One scan of the unpublished rows in `seq` order: the claim reads about `len_max`
+    // index entries whatever the partitions.
     const CLAIMS_PER_PARTITION: bool = false;
 
     async fn claim(
