@@ -105,7 +105,7 @@ const BATCH: &str = "application/cloudevents-batch+json";
 /// (status line, headers and the JSON body).
 const TCP_ANSWER_BYTES: usize = 256;
 
-/// The two scenarios, in the order they run.
+/// The scenarios, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     /// [`EventStore::append`] called directly.
