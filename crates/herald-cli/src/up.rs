@@ -152,6 +152,7 @@ async fn serve(
     // server stops too.
     let stop_system = CancellationToken::new();
     let system_ended = CancellationToken::new();
+    let handle = system.handle();
     let running = tokio::spawn({
         let stop = stop_system.clone();
         let ended = system_ended.clone();
@@ -169,6 +170,9 @@ async fn serve(
                     tracing::error!("the order system stopped; stopping the http server");
                 }
             }
+            // The long-polls of the order API answer now, so that the graceful shutdown
+            // does not wait for them.
+            handle.end_waits();
         })
         .await
         .context("the http server failed");

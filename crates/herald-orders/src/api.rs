@@ -34,7 +34,8 @@
 //!   group has committed the whole topic and the analytics projection has read the whole
 //!   log ([`SystemHandle::wait_idle`]); after `waitMs` (default 0) without that, `{"idle":
 //!   false, "busy": "…"}` saying what is still busy. At most [`IDLE_WAITERS_MAX`] such
-//!   requests wait at once; more are `503` (`too-many-waiters`). Scripts and tests use it to
+//!   requests wait at once; more are `503` (`too-many-waiters`), as is a wait the server's
+//!   shutdown ends (`unavailable`). Scripts and tests use it to
 //!   wait for the effects of what they did (an audit trail, a dead letter) without polling.
 
 use std::time::Duration;
@@ -272,6 +273,7 @@ async fn idle(
             idle: false,
             busy: Some(busy),
         })),
+        Err(IdleError::Stopping) => Err(Problem::stopping()),
         Err(error @ IdleError::Check(_)) => Err(Problem::internal(&error)),
     }
 }

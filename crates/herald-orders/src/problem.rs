@@ -57,12 +57,7 @@ impl Problem {
             error.downcast_ref::<crate::db::Error>(),
             Some(crate::db::Error::Closed)
         ) {
-            return Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-                "the order system is shutting down",
-            );
+            return Problem::stopping();
         }
         tracing::error!(error = %error, cause = ?std::error::Error::source(error), "an order API request failed");
         Problem::new(
@@ -70,6 +65,16 @@ impl Problem {
             "internal",
             "Internal server error",
             "the order system failed to answer the request",
+        )
+    }
+
+    /// `503`: the order system is shutting down.
+    pub(crate) fn stopping() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "the order system is shutting down",
         )
     }
 

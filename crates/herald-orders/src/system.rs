@@ -249,6 +249,9 @@ pub enum IdleError {
     /// Reading the log, a lag or an outbox failed.
     #[error("checking whether the system is idle failed: {0}")]
     Check(String),
+    /// The waits were ended ([`SystemHandle::end_waits`]): the system is stopping.
+    #[error("the order system is stopping")]
+    Stopping,
 }
 
 /// The order system, built and ready to [`run`](System::run).
@@ -285,6 +288,8 @@ struct Shared {
     consumers: BTreeMap<Service, (GroupName, ConsumerHandle, Router)>,
     /// Bounds the `GET /api/idle` requests waiting at once.
     idle_waiters: tokio::sync::Semaphore,
+    /// Once cancelled, every wait ends at once ([`SystemHandle::end_waits`]).
+    waits_end: CancellationToken,
 }
 
 impl SystemOptions {
@@ -430,7 +435,13 @@ impl SystemOptions {
             Gateway::new(self.seed, self.fail_payment_rate, self.transient_error_rate)
                 .expect("rates checked above"),
         );
-        let order = OrderService::new(order_db, outbox.clone(), group(Service::Order));
+        let waits_end = CancellationToken::new();
+        let order = OrderService::new(
+            order_db,
+            outbox.clone(),
+            group(Service::Order),
+            waits_end.clone(),
+        );
         let payment = PaymentService::new(
             payment_db,
             outbox.clone(),
@@ -502,6 +513,7 @@ impl SystemOptions {
                     dead_letters,
                     consumers: handles,
                     idle_waiters: tokio::sync::Semaphore::new(crate::api::IDLE_WAITERS_MAX),
+                    waits_end,
                 }),
             },
             consumers,
@@ -711,8 +723,9 @@ impl SystemHandle {
     }
 
     /// The order once it is settled (completed or cancelled), or as it is when `timeout`
-    /// elapses; `None` if there is no such order. The order service wakes the caller when
-    /// it settles the order: nothing polls.
+    /// elapses or the waits end ([`end_waits`](Self::end_waits)); `None` if there is no
+    /// such order. The order service wakes the caller when it settles the order: nothing
+    /// polls.
     pub async fn wait_settled(
         &self,
         order_id: &str,
@@ -801,10 +814,19 @@ impl SystemHandle {
         invariants::check(&self.shared.data_dir).await
     }
 
+    /// Ends every wait in progress or to come: [`wait_settled`](Self::wait_settled) answers
+    /// the order as it is, [`wait_idle`](Self::wait_idle) fails with
+    /// [`IdleError::Stopping`]. For a server shutting down, so that no long-poll of the API
+    /// holds up its graceful shutdown.
+    pub fn end_waits(&self) {
+        self.shared.waits_end.cancel();
+    }
+
     /// Waits until the system is idle: every outbox is empty, every consumer group has
     /// committed every event of the topic, the analytics projection has read the whole
     /// log, and nothing was appended to the log meanwhile. Woken by the log's appends and
-    /// the projection's progress (nothing polls); gives up after `timeout`.
+    /// the projection's progress (nothing polls); gives up after `timeout`, or when the
+    /// waits end ([`end_waits`](Self::end_waits)).
     pub async fn wait_idle(&self, timeout: Duration) -> Result<(), IdleError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let check = |error: &dyn std::fmt::Display| IdleError::Check(error.to_string());
@@ -832,6 +854,7 @@ impl SystemHandle {
                         return Err(IdleError::Check("the analytics projection stopped".to_owned()));
                     }
                 }
+                () = self.shared.waits_end.cancelled() => return Err(IdleError::Stopping),
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(IdleError::TimedOut {
                         timeout_ms: timeout.as_millis() as u64,

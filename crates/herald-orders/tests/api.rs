@@ -398,7 +398,7 @@ async fn waiting_for_an_order_that_does_not_settle_answers_at_the_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_says_what_is_still_busy_and_waits_for_the_rest() {
+async fn idle_says_what_is_still_busy_and_refuses_bad_waits() {
     // A gateway that always fails, and a retry that waits an hour: the payment's consumer
     // keeps its event uncommitted, so the system stays busy until it stops.
     let mut options = common::options();
@@ -415,12 +415,14 @@ async fn idle_says_what_is_still_busy_and_waits_for_the_rest() {
     system
         .place("cust-alice", &[("prod-mouse", 1)], "card")
         .await;
+    // Whichever stage the flow is at (the order's event in its outbox, or the payment's
+    // consumer retrying it), the system is busy and says with what.
     for uri in ["/api/idle", "/api/idle?waitMs=50"] {
         let busy = system.get(uri).await;
         assert_eq!(busy.status, StatusCode::OK);
         assert_eq!(busy.body["idle"], false, "{uri}: {}", busy.body);
         assert!(
-            busy.body["busy"].as_str().unwrap().contains("payment"),
+            !busy.body["busy"].as_str().unwrap().is_empty(),
             "{uri}: {}",
             busy.body
         );
@@ -437,5 +439,66 @@ async fn idle_says_what_is_still_busy_and_waits_for_the_rest() {
         .get("/api/idle?waitMs=soon")
         .await
         .problem(StatusCode::BAD_REQUEST, "invalid-query");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_the_waits_answers_every_long_poll_at_once() {
+    // The order never settles: every charge fails and the retry waits an hour.
+    let mut options = common::options();
+    options.transient_error_rate = 1.0;
+    options.pipeline.retry.delay_initial_ms = 3_600_000;
+    options.pipeline.retry.delay_max_ms = 3_600_000;
+    options.pipeline.retry.elapsed_max_ms = 7_200_000;
+    options.pipeline.timeout_ms = 7_200_000;
+    let system = start(options).await;
+    let placed = system
+        .place("cust-alice", &[("prod-mouse", 1)], "card")
+        .await;
+    let order_id = placed["orderId"].as_str().unwrap().to_owned();
+    // Without the end it would answer `{"idle": false}` after 30 s.
+    let idle_poll = {
+        let api = system.api.clone();
+        let uri = format!("/api/idle?waitMs={}", herald_orders::api::WAIT_MS_MAX);
+        tokio::spawn(common::send(
+            api,
+            Request::get(uri).body(Body::empty()).unwrap(),
+        ))
+    };
+    let waited = {
+        let handle = system.handle.clone();
+        let order_id = order_id.clone();
+        tokio::spawn(async move {
+            handle
+                .wait_settled(&order_id, std::time::Duration::from_secs(3_600))
+                .await
+        })
+    };
+
+    system.handle.end_waits();
+    tokio::time::timeout(WAIT, idle_poll)
+        .await
+        .unwrap()
+        .unwrap()
+        .problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let view = tokio::time::timeout(WAIT, waited)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.status, herald_orders::OrderStatus::Pending);
+    // A wait begun afterwards ends at once too.
+    assert!(matches!(
+        tokio::time::timeout(
+            WAIT,
+            system
+                .handle
+                .wait_idle(std::time::Duration::from_secs(3_600))
+        )
+        .await
+        .unwrap(),
+        Err(herald_orders::IdleError::Stopping)
+    ));
     system.stop().await;
 }

@@ -21,6 +21,7 @@ use herald_sql::Outbox;
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
 use crate::db::{self, Db, Migrations, Tx, now_ms, rfc3339};
@@ -350,15 +351,23 @@ pub(crate) struct OrderService {
     outbox: Outbox,
     group: GroupName,
     waiters: Waiters,
+    /// Once cancelled, waits for settlement end at once (the server is shutting down).
+    waits_end: CancellationToken,
 }
 
 impl OrderService {
-    pub(crate) fn new(db: Db, outbox: Outbox, group: GroupName) -> Arc<Self> {
+    pub(crate) fn new(
+        db: Db,
+        outbox: Outbox,
+        group: GroupName,
+        waits_end: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(OrderService {
             db,
             outbox,
             group,
             waiters: Waiters::default(),
+            waits_end,
         })
     }
 
@@ -534,7 +543,10 @@ impl OrderService {
                 return Ok(other?);
             }
         };
-        let settled = tokio::time::timeout(timeout, woken).await.is_ok();
+        let settled = tokio::select! {
+            woken = tokio::time::timeout(timeout, woken) => woken.is_ok(),
+            () = self.waits_end.cancelled() => false,
+        };
         if !settled {
             self.waiters.forget(order_id);
             return Ok(Some(order));

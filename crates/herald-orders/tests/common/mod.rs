@@ -101,21 +101,7 @@ impl Answer {
 impl Running {
     /// Sends `request` to the API.
     pub async fn send(&self, request: Request<Body>) -> Answer {
-        let response = self.api.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
-        };
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        send(self.api.clone(), request).await
     }
 
     /// `GET uri`.
@@ -206,4 +192,23 @@ pub async fn stock(handle: &SystemHandle) -> Vec<(String, u64, u64)> {
         .into_iter()
         .map(|product| (product.product_id, product.available, product.reserved))
         .collect()
+}
+
+/// Sends `request` to `api`.
+pub async fn send(api: axum::Router, request: Request<Body>) -> Answer {
+    let response = api.oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
