@@ -35,8 +35,8 @@
 //!   log ([`SystemHandle::wait_idle`]); after `waitMs` (default 0) without that, `{"idle":
 //!   false, "busy": "…"}` saying what is still busy. At most [`IDLE_WAITERS_MAX`] such
 //!   requests wait at once; more are `503` (`too-many-waiters`), as is a wait the server's
-//!   shutdown ends (`unavailable`). Scripts and tests use it to
-//!   wait for the effects of what they did (an audit trail, a dead letter) without polling.
+//!   shutdown ends (`unavailable`). Scripts and tests use it to wait for the effects of what
+//!   they did (an audit trail, a dead letter) without polling.
 
 use std::time::Duration;
 
