@@ -15,13 +15,14 @@
 //!   their jobs share the commit's sync instead of paying one each; a lone job commits
 //!   alone, at once.
 //! - Jobs of one batch see each other's writes in queue order, as if committed one by one.
+//! - Jobs are synchronous: the writer runs them on its own thread, on its own connection
+//!   (rusqlite, on the same SQLite library as sqlx), with its prepared statements cached.
+//!   A statement costs a call, not a hand-off to a connection thread and back.
 //! - After each commit the writer wakes the service's outbox relay, so events written by a
 //!   job are published without waiting for the relay's next poll.
-//! - Every write to the database goes through its one write connection ([`Db::writes`], a
-//!   pool of one): the writer takes it for each batch, and the outbox relay is given it
-//!   for its lease and settle transactions. So writers queue for it in turn instead of
-//!   meeting on SQLite's write lock, whose busy handler would make them sleep for
-//!   milliseconds.
+//! - Writers take turns instead of meeting on SQLite's write lock, whose busy handler would
+//!   make them sleep for milliseconds: the outbox relay writes through [`Db::writes`], a
+//!   pool of one connection, and the writer holds that connection (unused) for each batch.
 //! - Reads go through [`Db::pool`] (write-ahead log: readers never wait for the writer).
 //!
 //! The writer stops when its stop token is cancelled, after running the jobs already queued;
@@ -30,16 +31,17 @@
 use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
+use rusqlite::TransactionBehavior;
 use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection as _, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 /// When a committed write of a service's database is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -52,6 +54,24 @@ pub enum Durability {
     /// After the commit reaches the operating system (SQLite `synchronous = NORMAL` in WAL
     /// mode): it survives a crash of the process (`kill -9`), not a power loss.
     Os,
+}
+
+impl Durability {
+    /// SQLite's `synchronous` setting for it.
+    fn synchronous(self) -> SqliteSynchronous {
+        match self {
+            Durability::Fsync => SqliteSynchronous::Full,
+            Durability::Os => SqliteSynchronous::Normal,
+        }
+    }
+
+    /// The same, as the `PRAGMA synchronous` value.
+    fn synchronous_pragma(self) -> &'static str {
+        match self {
+            Durability::Fsync => "FULL",
+            Durability::Os => "NORMAL",
+        }
+    }
 }
 
 /// The bounds of a service database. Every bound is named with its unit last.
@@ -83,9 +103,12 @@ impl Default for DbOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A statement failed.
+    /// A read failed.
     #[error("database operation failed")]
     Sql(#[from] sqlx::Error),
+    /// A statement of a write job failed.
+    #[error("database operation failed")]
+    Write(#[from] rusqlite::Error),
     /// The outbox or the inbox failed.
     #[error("outbox or inbox operation failed")]
     Herald(#[from] herald_sql::Error),
@@ -94,7 +117,10 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The commit of the batch the job ran in failed; its writes do not stand.
     #[error("committing the transaction failed")]
-    Commit(#[source] Arc<sqlx::Error>),
+    Commit(#[source] Arc<rusqlite::Error>),
+    /// The writer could not take its turn on the database: the job did not run.
+    #[error("the database is unavailable for writes")]
+    Unavailable(#[source] Arc<sqlx::Error>),
     /// The writer has stopped (the system is shutting down).
     #[error("the database writer has stopped")]
     Closed,
@@ -103,19 +129,19 @@ pub enum Error {
     Inconsistent(String),
 }
 
-/// A job's transaction: the batch's.
-pub(crate) type Tx<'c> = Transaction<'c, Sqlite>;
+/// A job's transaction: the batch's, on the writer's connection.
+pub(crate) type Tx<'c> = rusqlite::Transaction<'c>;
 
 type Output = Result<Box<dyn Any + Send>, Error>;
-type RunJob = Box<dyn for<'t, 'c> FnMut(&'t mut Tx<'c>) -> BoxFuture<'t, Output> + Send>;
+type RunJob = Box<dyn FnMut(&Tx<'_>) -> Output + Send>;
 
 struct Job {
     run: RunJob,
     reply: oneshot::Sender<Output>,
 }
 
-/// A service's database: a pool for reads, the write connection and the writer's queue.
-/// Cheap to clone.
+/// A service's database: a pool for reads, the relay's write connection and the writer's
+/// queue. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Db {
     pool: SqlitePool,
@@ -125,6 +151,7 @@ pub(crate) struct Db {
 
 /// The writer of a [`Db`], before it runs.
 pub(crate) struct Writer {
+    conn: rusqlite::Connection,
     writes: SqlitePool,
     jobs: mpsc::Receiver<Job>,
     batch_len_max: usize,
@@ -137,11 +164,20 @@ pub(crate) type Migrations = &'static [(i64, &'static str, &'static str)];
 /// The connection options of the database file at `path`: Herald's SQLite settings (WAL,
 /// busy timeout), with the sync level of `durability`.
 pub(crate) fn connect_options(path: &Path, durability: Durability) -> SqliteConnectOptions {
-    let synchronous = match durability {
-        Durability::Fsync => SqliteSynchronous::Full,
-        Durability::Os => SqliteSynchronous::Normal,
-    };
-    herald_sql::sqlite_connect_options(path).synchronous(synchronous)
+    herald_sql::sqlite_connect_options(path).synchronous(durability.synchronous())
+}
+
+/// The writer's connection to the database at `path`, with the settings of
+/// [`connect_options`].
+fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_millis(herald_sql::SQLITE_BUSY_TIMEOUT_MS))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", durability.synchronous_pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Each service runs a handful of statements; all of them stay prepared.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
 impl Db {
@@ -170,6 +206,7 @@ impl Db {
             .test_before_acquire(false)
             .connect_with(connect)
             .await?;
+        let conn = open_writer(path, options.durability)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(options.write_queue_len_max.max(1));
         Ok((
             Db {
@@ -178,6 +215,7 @@ impl Db {
                 jobs: jobs_tx,
             },
             Writer {
+                conn,
                 writes,
                 jobs: jobs_rx,
                 batch_len_max: options.write_batch_len_max.max(1),
@@ -191,7 +229,7 @@ impl Db {
         &self.pool
     }
 
-    /// The write connection, as a pool of one, for the outbox relay: its transactions take
+    /// The write connection of the outbox relay, as a pool of one: its transactions take
     /// turns with the writer's batches.
     pub(crate) fn writes(&self) -> &SqlitePool {
         &self.writes
@@ -202,17 +240,11 @@ impl Db {
     pub(crate) async fn write<T, F>(&self, job: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> BoxFuture<'t, Result<T, Error>>
-            + Clone
-            + Send
-            + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T, Error> + Clone + Send + 'static,
     {
         let run: RunJob = Box::new(move |tx| {
-            let job = job.clone();
-            Box::pin(async move {
-                let output = job(tx).await?;
-                Ok(Box::new(output) as Box<dyn Any + Send>)
-            })
+            let output = (job.clone())(tx)?;
+            Ok(Box::new(output) as Box<dyn Any + Send>)
         });
         let (reply, answer) = oneshot::channel();
         self.jobs
@@ -233,30 +265,34 @@ impl Db {
 }
 
 impl Writer {
-    /// Spawns the writer; it wakes `relay` (if any) after each commit and stops when `stop`
-    /// is cancelled, after the jobs already queued.
+    /// Spawns the writer on a thread of its own; it wakes `relay` (if any) after each commit
+    /// and stops when `stop` is cancelled, after the jobs already queued.
     pub(crate) fn spawn(
         self,
         relay: Option<herald_sql::relay::Handle>,
         stop: CancellationToken,
     ) -> JoinHandle<()> {
-        let name = self.name;
-        tokio::spawn(self.run(relay, stop).instrument(tracing::info_span!(
-            "herald.orders.db_writer",
-            service = name
-        )))
+        let span = tracing::info_span!("herald.orders.db_writer", service = self.name);
+        tokio::task::spawn_blocking(move || span.in_scope(|| self.run(relay, stop)))
     }
 
-    async fn run(mut self, relay: Option<herald_sql::relay::Handle>, stop: CancellationToken) {
+    fn run(mut self, relay: Option<herald_sql::relay::Handle>, stop: CancellationToken) {
+        let runtime = tokio::runtime::Handle::current();
         let mut batch: Vec<Job> = Vec::with_capacity(self.batch_len_max);
         let mut stopping = false;
         loop {
             let first = if stopping {
-                self.jobs.recv().await
+                self.jobs.blocking_recv()
             } else {
-                tokio::select! {
-                    job = self.jobs.recv() => job,
-                    () = stop.cancelled() => {
+                let next = runtime.block_on(async {
+                    tokio::select! {
+                        job = self.jobs.recv() => Some(job),
+                        () = stop.cancelled() => None,
+                    }
+                });
+                match next {
+                    Some(job) => job,
+                    None => {
                         // Refuse new jobs; the queued ones still run.
                         self.jobs.close();
                         stopping = true;
@@ -274,13 +310,17 @@ impl Writer {
             }
             let jobs = batch.len();
             let started = std::time::Instant::now();
-            match self.writes.acquire().await {
-                Ok(mut conn) => commit(&mut conn, &mut batch).await,
+            // The relay's connection, held so that the relay does not write meanwhile.
+            match runtime.block_on(self.writes.acquire()) {
+                Ok(turn) => {
+                    commit(&mut self.conn, &mut batch);
+                    drop(turn);
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, jobs, "the write connection is unavailable");
                     let error = Arc::new(error);
                     for job in batch.drain(..) {
-                        let _ = job.reply.send(Err(Error::Commit(Arc::clone(&error))));
+                        let _ = job.reply.send(Err(Error::Unavailable(Arc::clone(&error))));
                     }
                 }
             }
@@ -293,17 +333,17 @@ impl Writer {
                 relay.wake();
             }
         }
-        self.writes.close().await;
+        runtime.block_on(self.writes.close());
     }
 }
 
 /// Runs `batch` in one transaction and answers every job: a job that fails is answered
 /// with its error and the batch runs again without it (jobs rarely fail, so a batch rarely
 /// runs twice, and no job pays for a savepoint).
-async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
+fn commit(conn: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
     let mut jobs = std::mem::take(batch);
     while !jobs.is_empty() {
-        match run_batch(conn, &mut jobs).await {
+        match run_batch(conn, &mut jobs) {
             Ok(Ok(outputs)) => {
                 for (job, output) in jobs.drain(..).zip(outputs) {
                     // A caller that gave up (its handler was aborted) needs no answer.
@@ -331,22 +371,22 @@ type Committed = Vec<Box<dyn Any + Send>>;
 /// Runs `jobs` in one transaction: their outputs once committed, or the index and error
 /// of the first job that failed (the transaction rolled back); fails if the database
 /// does.
-async fn run_batch(
-    conn: &mut SqliteConnection,
+fn run_batch(
+    conn: &mut rusqlite::Connection,
     jobs: &mut [Job],
-) -> Result<Result<Committed, (usize, Error)>, sqlx::Error> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+) -> Result<Result<Committed, (usize, Error)>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outputs = Vec::with_capacity(jobs.len());
     for (index, job) in jobs.iter_mut().enumerate() {
-        match (job.run)(&mut tx).await {
+        match (job.run)(&tx) {
             Ok(output) => outputs.push(output),
             Err(error) => {
-                tx.rollback().await?;
+                tx.rollback()?;
                 return Ok(Err((index, error)));
             }
         }
     }
-    tx.commit().await?;
+    tx.commit()?;
     Ok(Ok(outputs))
 }
 
@@ -394,20 +434,13 @@ mod tests {
 
     const MIGRATIONS: Migrations = &[(1, "rows", "CREATE TABLE rows (n INTEGER PRIMARY KEY);")];
 
-    fn insert(
-        n: i64,
-    ) -> impl for<'t, 'c> FnOnce(&'t mut Tx<'c>) -> BoxFuture<'t, Result<i64, Error>> + Clone {
+    fn insert(n: i64) -> impl FnOnce(&Tx<'_>) -> Result<i64, Error> + Clone {
         move |tx| {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO rows (n) VALUES (?1)")
-                    .bind(n)
-                    .execute(&mut **tx)
-                    .await?;
-                if n % 7 == 0 {
-                    return Err(Error::Inconsistent(format!("{n} is refused")));
-                }
-                Ok(n)
-            })
+            tx.execute("INSERT INTO rows (n) VALUES (?1)", [n])?;
+            if n % 7 == 0 {
+                return Err(Error::Inconsistent(format!("{n} is refused")));
+            }
+            Ok(n)
         }
     }
 

@@ -63,7 +63,7 @@ pub use outbox::{Enqueued, LEASE_PARTITIONS, Outbox, OutboxRow, OutboxStatus, st
 pub use relay::{Relay, RelayOptions};
 pub use sqlite::{
     SQLITE_BUSY_TIMEOUT_MS, configure as sqlite_configure,
-    connect_options as sqlite_connect_options,
+    connect_options as sqlite_connect_options, statements as sqlite_statements,
 };
 
 /// Applies Herald's migrations to the database of `pool`; see [Schema](crate#schema).

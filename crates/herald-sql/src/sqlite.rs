@@ -47,6 +47,27 @@ pub fn configure(options: SqliteConnectOptions) -> SqliteConnectOptions {
         .foreign_keys(true)
 }
 
+/// The statements that write Herald's SQLite tables in a caller's transaction, for code
+/// that writes them through another SQLite driver in the same database (the rows must be
+/// the ones [`Outbox::enqueue`](crate::Outbox::enqueue) and
+/// [`inbox::begin`](crate::inbox::begin) write).
+pub mod statements {
+    /// Inserts an outbox row: `?1` to `?9` are the fields of
+    /// [`OutboxRow`](crate::OutboxRow) in their order, `?10` the time in milliseconds since
+    /// the Unix epoch. The new row's rowid is its `seq`.
+    pub const OUTBOX_INSERT: &str =
+        "INSERT INTO herald_outbox (id, aggregatetype, aggregateid, type, payload, payload_kind,
+                                    headers, topic, partition, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+    /// Records that consumer group `?1` handles event `?2` at `?3` (milliseconds since the
+    /// Unix epoch), with the events it published `?4` (a JSON batch; `[]` for none). Changes
+    /// one row when the group had not handled the event, none when it had.
+    pub const INBOX_INSERT: &str =
+        "INSERT OR IGNORE INTO herald_inbox (consumer_group, event_id, handled_at, published)
+         VALUES (?1, ?2, ?3, ?4)";
+}
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -79,11 +100,7 @@ impl Dialect for Sqlite {
         row: &OutboxRow<'_>,
         _notify: bool,
     ) -> sqlx::Result<i64> {
-        let done = sqlx::query(
-            "INSERT INTO herald_outbox (id, aggregatetype, aggregateid, type, payload,
-                                        payload_kind, headers, topic, partition, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
+        let done = sqlx::query(statements::OUTBOX_INSERT)
         .bind(row.id)
         .bind(row.aggregatetype)
         .bind(row.aggregateid)
@@ -384,10 +401,7 @@ impl Dialect for Sqlite {
         event_id: &str,
         published: &str,
     ) -> sqlx::Result<bool> {
-        let done = sqlx::query(
-            "INSERT OR IGNORE INTO herald_inbox (consumer_group, event_id, handled_at, published)
-             VALUES (?1, ?2, ?3, ?4)",
-        )
+        let done = sqlx::query(statements::INBOX_INSERT)
         .bind(group)
         .bind(event_id)
         .bind(now_ms())

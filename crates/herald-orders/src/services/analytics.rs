@@ -25,6 +25,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use herald_core::{EventStore as _, Position, RecordedEvent};
 use herald_log::Log;
+use rusqlite::params;
 use serde::Serialize;
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -409,20 +410,15 @@ impl Projection {
                 let position = signed(next, "position")?;
                 self.db
                     .write(move |tx| {
-                        Box::pin(async move {
-                            for (ty, payload) in &payloads {
-                                project(tx, ty, payload).await?;
-                            }
-                            sqlx::query(
-                                "UPDATE analytics_checkpoint SET position = ?1, updated_at = ?2
-                                 WHERE id = 1",
-                            )
-                            .bind(position)
-                            .bind(now_ms())
-                            .execute(&mut **tx)
-                            .await?;
-                            Ok(())
-                        })
+                        for (ty, payload) in &payloads {
+                            project(tx, ty, payload)?;
+                        }
+                        tx.prepare_cached(
+                            "UPDATE analytics_checkpoint SET position = ?1, updated_at = ?2
+                             WHERE id = 1",
+                        )?
+                        .execute(params![position, now_ms()])?;
+                        Ok(())
                     })
                     .await?;
             }
@@ -446,81 +442,65 @@ enum ApplyError {
 /// Empties the read model and moves the checkpoint to the start of the log.
 async fn reset(db: &Db) -> Result<(), db::Error> {
     db.write(|tx| {
-        Box::pin(async move {
-            sqlx::query("DELETE FROM analytics_counters")
-                .execute(&mut **tx)
-                .await?;
-            sqlx::query("DELETE FROM analytics_products")
-                .execute(&mut **tx)
-                .await?;
-            sqlx::query(
-                "UPDATE analytics_checkpoint SET position = 0, rebuilds = rebuilds + 1,
-                                                 updated_at = ?1
-                 WHERE id = 1",
-            )
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
-            Ok(())
-        })
+        tx.execute_batch("DELETE FROM analytics_counters; DELETE FROM analytics_products;")?;
+        tx.execute(
+            "UPDATE analytics_checkpoint SET position = 0, rebuilds = rebuilds + 1,
+                                             updated_at = ?1
+             WHERE id = 1",
+            [now_ms()],
+        )?;
+        Ok(())
     })
     .await
 }
 
-async fn add(tx: &mut Tx<'_>, name: &str, value: u64) -> Result<(), db::Error> {
-    sqlx::query(
+fn add(tx: &Tx<'_>, name: &str, value: u64) -> Result<(), db::Error> {
+    tx.prepare_cached(
         "INSERT INTO analytics_counters (name, value) VALUES (?1, ?2)
          ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-    )
-    .bind(name)
-    .bind(signed(value, "counter")?)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute(params![name, signed(value, "counter")?])?;
     Ok(())
 }
 
-async fn project(tx: &mut Tx<'_>, ty: &str, payload: &Payload) -> Result<(), db::Error> {
-    add(tx, &format!("events:{ty}"), 1).await?;
+fn project(tx: &Tx<'_>, ty: &str, payload: &Payload) -> Result<(), db::Error> {
+    add(tx, &format!("events:{ty}"), 1)?;
     match payload {
         Payload::OrderPlaced(placed) => {
-            add(tx, "orders_placed", 1).await?;
-            add(tx, "placed_cents", placed.total_cents).await?;
+            add(tx, "orders_placed", 1)?;
+            add(tx, "placed_cents", placed.total_cents)?;
         }
         Payload::PaymentProcessed(paid) => {
-            add(tx, "payments_charged", 1).await?;
-            add(tx, "charged_cents", paid.amount_cents).await?;
+            add(tx, "payments_charged", 1)?;
+            add(tx, "charged_cents", paid.amount_cents)?;
         }
         Payload::PaymentFailed(failed) => {
-            add(tx, "payments_declined", 1).await?;
-            add(tx, &declined(failed.reason), 1).await?;
+            add(tx, "payments_declined", 1)?;
+            add(tx, &declined(failed.reason), 1)?;
         }
         Payload::PaymentRefunded(refunded) => {
-            add(tx, "payments_refunded", 1).await?;
-            add(tx, "refunded_cents", refunded.amount_cents).await?;
+            add(tx, "payments_refunded", 1)?;
+            add(tx, "refunded_cents", refunded.amount_cents)?;
         }
         Payload::OrderCompleted(completed) => {
-            add(tx, "orders_completed", 1).await?;
-            add(tx, "revenue_cents", completed.total_cents).await?;
+            add(tx, "orders_completed", 1)?;
+            add(tx, "revenue_cents", completed.total_cents)?;
+            let mut sold = tx.prepare_cached(
+                "INSERT INTO analytics_products (product_id, units_sold, revenue_cents)
+                 VALUES (?1, ?2, ?3)
+                 ON CONFLICT (product_id) DO UPDATE SET
+                     units_sold = units_sold + excluded.units_sold,
+                     revenue_cents = revenue_cents + excluded.revenue_cents",
+            )?;
             for line in &completed.items {
                 let units = i64::from(line.quantity);
                 let revenue = signed(u64::from(line.quantity) * line.unit_price_cents, "revenue")?;
-                sqlx::query(
-                    "INSERT INTO analytics_products (product_id, units_sold, revenue_cents)
-                     VALUES (?1, ?2, ?3)
-                     ON CONFLICT (product_id) DO UPDATE SET
-                         units_sold = units_sold + excluded.units_sold,
-                         revenue_cents = revenue_cents + excluded.revenue_cents",
-                )
-                .bind(&line.product_id)
-                .bind(units)
-                .bind(revenue)
-                .execute(&mut **tx)
-                .await?;
+                sold.execute(params![line.product_id, units, revenue])?;
             }
         }
         Payload::OrderCancelled(cancelled) => {
-            add(tx, "orders_cancelled", 1).await?;
-            add(tx, &cancel(cancelled.reason), 1).await?;
+            add(tx, "orders_cancelled", 1)?;
+            add(tx, &cancel(cancelled.reason), 1)?;
         }
         Payload::InventoryReserved(_)
         | Payload::InventoryFailed(_)

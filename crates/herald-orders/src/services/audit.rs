@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use herald_runtime::{HandlerContext, HandlerError, Router};
+use rusqlite::params;
 use serde::Serialize;
 use serde::de::IgnoredAny;
 
@@ -216,32 +217,30 @@ impl AuditService {
         let message = ctx.message().clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    let event = &message.event;
-                    let envelope = String::from_utf8(event.to_json()).expect("JSON is UTF-8");
-                    sqlx::query(
-                        "INSERT INTO audit_events (event_id, type, source, subject, correlation_id,
-                                                   causation_id, event_time, topic, partition,
-                                                   partition_offset, recorded_at, envelope)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                         ON CONFLICT (event_id) DO NOTHING",
-                    )
-                    .bind(&event.id)
-                    .bind(&event.ty)
-                    .bind(&event.source)
-                    .bind(&event.subject)
-                    .bind(event.correlation_id())
-                    .bind(event.causation_id())
-                    .bind(event.time.map(|time| time.to_rfc3339()))
-                    .bind(message.topic.as_str())
-                    .bind(i64::from(message.partition))
-                    .bind(i64::try_from(message.offset).unwrap_or(i64::MAX))
-                    .bind(now_ms())
-                    .bind(envelope)
-                    .execute(&mut **tx)
-                    .await?;
-                    Ok(())
-                })
+                let event = &message.event;
+                let envelope = String::from_utf8(event.to_json()).expect("JSON is UTF-8");
+                tx.prepare_cached(
+                    "INSERT INTO audit_events (event_id, type, source, subject, correlation_id,
+                                               causation_id, event_time, topic, partition,
+                                               partition_offset, recorded_at, envelope)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                     ON CONFLICT (event_id) DO NOTHING",
+                )?
+                .execute(params![
+                    event.id,
+                    event.ty,
+                    event.source,
+                    event.subject,
+                    event.correlation_id(),
+                    event.causation_id(),
+                    event.time.map(|time| time.to_rfc3339()),
+                    message.topic.as_str(),
+                    i64::from(message.partition),
+                    i64::try_from(message.offset).unwrap_or(i64::MAX),
+                    now_ms(),
+                    envelope,
+                ])?;
+                Ok(())
             })
             .await
             .map_err(handler_error)

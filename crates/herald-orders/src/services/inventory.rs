@@ -15,6 +15,7 @@ use std::sync::Arc;
 use herald_core::broker::GroupName;
 use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
+use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
 use crate::catalog;
@@ -52,23 +53,20 @@ pub(crate) const MIGRATIONS: Migrations = &[(
 /// Seeds the catalog with its initial stock (once: existing rows are kept).
 pub(crate) async fn seed(db: &Db) -> Result<(), db::Error> {
     db.write(|tx| {
-        Box::pin(async move {
-            for product in catalog::PRODUCTS {
-                let stock = signed(product.initial_stock, "stock")?;
-                sqlx::query(
-                    "INSERT INTO products (product_id, name, price_cents, initial_stock, available,
-                                           reserved)
-                     VALUES (?1, ?2, ?3, ?4, ?4, 0) ON CONFLICT (product_id) DO NOTHING",
-                )
-                .bind(product.id)
-                .bind(product.name)
-                .bind(signed(product.price_cents, "price")?)
-                .bind(stock)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Ok(())
-        })
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO products (product_id, name, price_cents, initial_stock, available,
+                                   reserved)
+             VALUES (?1, ?2, ?3, ?4, ?4, 0) ON CONFLICT (product_id) DO NOTHING",
+        )?;
+        for product in catalog::PRODUCTS {
+            insert.execute(params![
+                product.id,
+                product.name,
+                signed(product.price_cents, "price")?,
+                signed(product.initial_stock, "stock")?,
+            ])?;
+        }
+        Ok(())
     })
     .await
 }
@@ -161,105 +159,88 @@ impl InventoryService {
         let outbox = self.outbox.clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    if !first_delivery(tx, &group, &cause).await? {
-                        return Ok(());
-                    }
-                    let decided: Option<i64> =
-                        sqlx::query_scalar("SELECT 1 FROM outcomes WHERE order_id = ?1")
-                            .bind(&paid.order_id)
-                            .fetch_optional(&mut **tx)
-                            .await?;
-                    if decided.is_some() {
-                        tracing::warn!(order_id = %paid.order_id, "the order's stock was decided already");
-                        return Ok(());
-                    }
-                    // The quantity per product, lines of one product added up, in line order.
-                    let mut wanted: Vec<(String, u64)> = Vec::new();
-                    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
-                    for item in &paid.items {
-                        match index.get(item.product_id.as_str()) {
-                            Some(&at) => wanted[at].1 += u64::from(item.quantity),
-                            None => {
-                                index.insert(&item.product_id, wanted.len());
-                                wanted.push((item.product_id.clone(), u64::from(item.quantity)));
-                            }
+                if !first_delivery(tx, &group, &cause)? {
+                    return Ok(());
+                }
+                let decided = tx
+                    .prepare_cached("SELECT 1 FROM outcomes WHERE order_id = ?1")?
+                    .exists([&paid.order_id])?;
+                if decided {
+                    tracing::warn!(order_id = %paid.order_id, "the order's stock was decided already");
+                    return Ok(());
+                }
+                // The quantity per product, lines of one product added up, in line order.
+                let mut wanted: Vec<(String, u64)> = Vec::new();
+                let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+                for item in &paid.items {
+                    match index.get(item.product_id.as_str()) {
+                        Some(&at) => wanted[at].1 += u64::from(item.quantity),
+                        None => {
+                            index.insert(&item.product_id, wanted.len());
+                            wanted.push((item.product_id.clone(), u64::from(item.quantity)));
                         }
                     }
-                    let mut shortages = Vec::new();
-                    for (product_id, requested) in &wanted {
-                        let available: Option<i64> = sqlx::query_scalar(
-                            "SELECT available FROM products WHERE product_id = ?1",
-                        )
-                        .bind(product_id)
-                        .fetch_optional(&mut **tx)
-                        .await?;
-                        // A product the inventory does not stock has none available.
-                        let available = available
-                            .map_or(Ok(0), |available| unsigned(available, "available"))?;
-                        if available < *requested {
-                            shortages.push(Shortage {
-                                product_id: product_id.clone(),
-                                requested: *requested,
-                                available,
-                            });
-                        }
+                }
+                let mut shortages = Vec::new();
+                let mut stock =
+                    tx.prepare_cached("SELECT available FROM products WHERE product_id = ?1")?;
+                for (product_id, requested) in &wanted {
+                    let available: Option<i64> = stock
+                        .query_row([product_id], |row| row.get(0))
+                        .optional()?;
+                    // A product the inventory does not stock has none available.
+                    let available =
+                        available.map_or(Ok(0), |available| unsigned(available, "available"))?;
+                    if available < *requested {
+                        shortages.push(Shortage {
+                            product_id: product_id.clone(),
+                            requested: *requested,
+                            available,
+                        });
                     }
-                    let now = now_ms();
-                    let outcome = if shortages.is_empty() { "reserved" } else { "failed" };
-                    sqlx::query("INSERT INTO outcomes (order_id, outcome, created_at) VALUES (?1, ?2, ?3)")
-                        .bind(&paid.order_id)
-                        .bind(outcome)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?;
-                    if !shortages.is_empty() {
-                        let failed = InventoryFailed {
-                            order_id: paid.order_id.clone(),
-                            shortages,
-                        };
-                        return emit(tx, &outbox, Service::Inventory, &failed, &cause).await;
-                    }
-                    for (product_id, quantity) in &wanted {
-                        let quantity = signed(*quantity, "quantity")?;
-                        let moved = sqlx::query(
-                            "UPDATE products SET available = available - ?2, reserved = reserved + ?2
-                             WHERE product_id = ?1 AND available >= ?2",
-                        )
-                        .bind(product_id)
-                        .bind(quantity)
-                        .execute(&mut **tx)
-                        .await?
-                        .rows_affected();
-                        if moved != 1 {
-                            // Checked above in this transaction: a bug if it happens.
-                            return Err(db::Error::Inconsistent(format!(
-                                "stock of {product_id} changed while reserving"
-                            )));
-                        }
-                        sqlx::query(
-                            "INSERT INTO reservations (order_id, product_id, quantity, created_at)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )
-                        .bind(&paid.order_id)
-                        .bind(product_id)
-                        .bind(quantity)
-                        .bind(now)
-                        .execute(&mut **tx)
-                        .await?;
-                    }
-                    let reserved = InventoryReserved {
+                }
+                let now = now_ms();
+                let outcome = if shortages.is_empty() { "reserved" } else { "failed" };
+                tx.prepare_cached(
+                    "INSERT INTO outcomes (order_id, outcome, created_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![paid.order_id, outcome, now])?;
+                if !shortages.is_empty() {
+                    let failed = InventoryFailed {
                         order_id: paid.order_id.clone(),
-                        items: wanted
-                            .into_iter()
-                            .map(|(product_id, quantity)| ItemQuantity {
-                                product_id,
-                                quantity: u32::try_from(quantity).unwrap_or(u32::MAX),
-                            })
-                            .collect(),
+                        shortages,
                     };
-                    emit(tx, &outbox, Service::Inventory, &reserved, &cause).await
-                })
+                    return emit(tx, &outbox, Service::Inventory, &failed, &cause);
+                }
+                let mut take = tx.prepare_cached(
+                    "UPDATE products SET available = available - ?2, reserved = reserved + ?2
+                     WHERE product_id = ?1 AND available >= ?2",
+                )?;
+                let mut reserve = tx.prepare_cached(
+                    "INSERT INTO reservations (order_id, product_id, quantity, created_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (product_id, quantity) in &wanted {
+                    let quantity = signed(*quantity, "quantity")?;
+                    if take.execute(params![product_id, quantity])? != 1 {
+                        // Checked above in this transaction: a bug if it happens.
+                        return Err(db::Error::Inconsistent(format!(
+                            "stock of {product_id} changed while reserving"
+                        )));
+                    }
+                    reserve.execute(params![paid.order_id, product_id, quantity, now])?;
+                }
+                let reserved = InventoryReserved {
+                    order_id: paid.order_id.clone(),
+                    items: wanted
+                        .into_iter()
+                        .map(|(product_id, quantity)| ItemQuantity {
+                            product_id,
+                            quantity: u32::try_from(quantity).unwrap_or(u32::MAX),
+                        })
+                        .collect(),
+                };
+                emit(tx, &outbox, Service::Inventory, &reserved, &cause)
             })
             .await
             .map_err(handler_error)

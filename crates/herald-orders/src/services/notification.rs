@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use herald_runtime::{HandlerContext, HandlerError, Router};
+use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
 use crate::catalog;
@@ -40,20 +41,14 @@ pub(crate) const MIGRATIONS: Migrations = &[(
 /// Seeds the customers' addresses (once: existing rows are kept).
 pub(crate) async fn seed(db: &Db) -> Result<(), db::Error> {
     db.write(|tx| {
-        Box::pin(async move {
-            for customer in catalog::CUSTOMERS {
-                sqlx::query(
-                    "INSERT INTO customers (customer_id, name, email) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (customer_id) DO NOTHING",
-                )
-                .bind(customer.id)
-                .bind(customer.name)
-                .bind(customer.email)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Ok(())
-        })
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO customers (customer_id, name, email) VALUES (?1, ?2, ?3)
+             ON CONFLICT (customer_id) DO NOTHING",
+        )?;
+        for customer in catalog::CUSTOMERS {
+            insert.execute(params![customer.id, customer.name, customer.email])?;
+        }
+        Ok(())
     })
     .await
 }
@@ -243,34 +238,33 @@ impl NotificationService {
         let cause = ctx.event().clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    let recipient: Option<(String, String)> =
-                        sqlx::query_as("SELECT name, email FROM customers WHERE customer_id = ?1")
-                            .bind(&draft.customer_id)
-                            .fetch_optional(&mut **tx)
-                            .await?;
-                    let Some((name, email)) = recipient else {
-                        return Err(db::Error::Inconsistent(format!(
-                            "customer {} has no e-mail address",
-                            draft.customer_id
-                        )));
-                    };
-                    sqlx::query(
-                        "INSERT INTO emails (event_id, order_id, kind, recipient, subject, body,
-                                             sent_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (event_id) DO NOTHING",
-                    )
-                    .bind(&cause.id)
-                    .bind(&draft.order_id)
-                    .bind(draft.kind.as_str())
-                    .bind(format!("{name} <{email}>"))
-                    .bind(&draft.subject)
-                    .bind(format!("Hello {name},\n\n{}\n\nHerald Shop", draft.body))
-                    .bind(now_ms())
-                    .execute(&mut **tx)
-                    .await?;
-                    Ok(())
-                })
+                let recipient = tx
+                    .prepare_cached("SELECT name, email FROM customers WHERE customer_id = ?1")?
+                    .query_row([&draft.customer_id], |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .optional()?;
+                let Some((name, email)) = recipient else {
+                    return Err(db::Error::Inconsistent(format!(
+                        "customer {} has no e-mail address",
+                        draft.customer_id
+                    )));
+                };
+                tx.prepare_cached(
+                    "INSERT INTO emails (event_id, order_id, kind, recipient, subject, body,
+                                         sent_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (event_id) DO NOTHING",
+                )?
+                .execute(params![
+                    cause.id,
+                    draft.order_id,
+                    draft.kind.as_str(),
+                    format!("{name} <{email}>"),
+                    draft.subject,
+                    format!("Hello {name},\n\n{}\n\nHerald Shop", draft.body),
+                    now_ms(),
+                ])?;
+                Ok(())
             })
             .await
             .map_err(handler_error)

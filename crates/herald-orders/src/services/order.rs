@@ -18,6 +18,7 @@ use herald_core::Event;
 use herald_core::broker::GroupName;
 use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
+use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tokio::sync::oneshot;
@@ -29,7 +30,7 @@ use crate::events::{
     CancelReason, OrderCancelled, OrderCompleted, OrderLine, OrderPlaced, PaymentFailed,
     PaymentRefunded, Service, ShippingScheduled, first_event,
 };
-use crate::services::{emit, first_delivery, handler_error, signed, unsigned};
+use crate::services::{emit, enqueue, first_delivery, handler_error, signed, unsigned};
 
 /// The most lines one order may have.
 pub const ORDER_LINES_MAX: usize = 50;
@@ -432,41 +433,36 @@ impl OrderService {
         let placed = self
             .db
             .write(move |tx| {
-                Box::pin(async move {
-                    // The batch holds the write lock (BEGIN IMMEDIATE): no other request
-                    // can claim the key between this read and the insert below.
-                    if let Some(key) = &idempotency_key {
-                        let first: Option<(String, String)> = sqlx::query_as(
+                // The batch holds the write lock (BEGIN IMMEDIATE): no other request can
+                // claim the key between this read and the insert below.
+                if let Some(key) = &idempotency_key {
+                    let first = tx
+                        .prepare_cached(
                             "SELECT request, order_id FROM idempotency_keys
                              WHERE idempotency_key = ?1",
-                        )
-                        .bind(key)
-                        .fetch_optional(&mut **tx)
-                        .await?;
-                        if let Some((first_request, first_order)) = first {
-                            if first_request != request {
-                                return Ok(Err(first_order));
-                            }
-                            return Ok(Ok(Err(first_order)));
+                        )?
+                        .query_row([key], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                        })
+                        .optional()?;
+                    if let Some((first_request, first_order)) = first {
+                        if first_request != request {
+                            return Ok(Err(first_order));
                         }
+                        return Ok(Ok(Err(first_order)));
                     }
-                    let order_id = uuid::Uuid::now_v7().to_string();
-                    let view = insert(tx, &outbox, &order_id, &order).await?;
-                    if let Some(key) = &idempotency_key {
-                        sqlx::query(
-                            "INSERT INTO idempotency_keys (idempotency_key, request, order_id,
-                                                           created_at)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )
-                        .bind(key)
-                        .bind(&request)
-                        .bind(&order_id)
-                        .bind(now_ms())
-                        .execute(&mut **tx)
-                        .await?;
-                    }
-                    Ok(Ok(Ok(view)))
-                })
+                }
+                let order_id = uuid::Uuid::now_v7().to_string();
+                let view = insert(tx, &outbox, &order_id, &order)?;
+                if let Some(key) = &idempotency_key {
+                    tx.prepare_cached(
+                        "INSERT INTO idempotency_keys (idempotency_key, request, order_id,
+                                                       created_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![key, request, order_id, now_ms()])?;
+                }
+                Ok(Ok(Ok(view)))
             })
             .await?;
         match placed {
@@ -567,12 +563,10 @@ impl OrderService {
         let settled = self
             .db
             .write(move |tx| {
-                Box::pin(async move {
-                    if !first_delivery(tx, &group, &cause).await? {
-                        return Ok(false);
-                    }
-                    settle_in(tx, &outbox, &cause, &id, settle).await
-                })
+                if !first_delivery(tx, &group, &cause)? {
+                    return Ok(false);
+                }
+                settle_in(tx, &outbox, &cause, &id, settle)
             })
             .await
             .map_err(handler_error)?;
@@ -591,8 +585,8 @@ enum Settle {
 }
 
 /// Inserts `order` and its `OrderPlaced` event; returns the order as stored.
-async fn insert(
-    tx: &mut Tx<'_>,
+fn insert(
+    tx: &Tx<'_>,
     outbox: &Outbox,
     order_id: &str,
     order: &NewOrder,
@@ -608,36 +602,36 @@ async fn insert(
     };
     let event = first_event(Service::Order, &placed, &correlation_id);
     let now = now_ms();
-    sqlx::query(
+    tx.prepare_cached(
         "INSERT INTO orders (order_id, correlation_id, customer_id, status, total_cents,
                              payment_method, shipping_address, placed_event_id, created_at,
                              updated_at)
          VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?8)",
-    )
-    .bind(order_id)
-    .bind(&correlation_id)
-    .bind(&order.customer_id)
-    .bind(signed(order.total_cents, "total")?)
-    .bind(&order.payment_method)
-    .bind(&order.shipping_address)
-    .bind(&event.id)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute(params![
+        order_id,
+        correlation_id,
+        order.customer_id,
+        signed(order.total_cents, "total")?,
+        order.payment_method,
+        order.shipping_address,
+        event.id,
+        now,
+    ])?;
+    let mut insert_line = tx.prepare_cached(
+        "INSERT INTO order_lines (order_id, line, product_id, quantity, unit_price_cents)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
     for (line, item) in order.items.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO order_lines (order_id, line, product_id, quantity, unit_price_cents)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(order_id)
-        .bind(line as i64)
-        .bind(&item.product_id)
-        .bind(i64::from(item.quantity))
-        .bind(signed(item.unit_price_cents, "price")?)
-        .execute(&mut **tx)
-        .await?;
+        insert_line.execute(params![
+            order_id,
+            line as i64,
+            item.product_id,
+            i64::from(item.quantity),
+            signed(item.unit_price_cents, "price")?,
+        ])?;
     }
-    outbox.enqueue(tx, &event).await?;
+    enqueue(tx, outbox, &event)?;
     Ok(OrderView {
         order_id: order_id.to_owned(),
         correlation_id,
@@ -657,18 +651,23 @@ async fn insert(
 }
 
 /// Settles the pending order `order_id` in `tx`; `false` when it is already settled.
-async fn settle_in(
-    tx: &mut Tx<'_>,
+fn settle_in(
+    tx: &Tx<'_>,
     outbox: &Outbox,
     cause: &Event,
     order_id: &str,
     settle: Settle,
 ) -> Result<bool, db::Error> {
-    let row: Option<(String, String, i64)> =
-        sqlx::query_as("SELECT status, customer_id, total_cents FROM orders WHERE order_id = ?1")
-            .bind(order_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let row = tx
+        .prepare_cached("SELECT status, customer_id, total_cents FROM orders WHERE order_id = ?1")?
+        .query_row([order_id], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })
+        .optional()?;
     let Some((status, customer_id, total_cents)) = row else {
         return Err(db::Error::Inconsistent(format!(
             "event {} settles order {order_id}, which does not exist",
@@ -683,36 +682,32 @@ async fn settle_in(
     let total_cents = unsigned(total_cents, "total")?;
     match settle {
         Settle::Completed(tracking_number) => {
-            sqlx::query(
+            tx.prepare_cached(
                 "UPDATE orders SET status = 'completed', tracking_number = ?2, updated_at = ?3
                  WHERE order_id = ?1",
-            )
-            .bind(order_id)
-            .bind(&tracking_number)
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
+            )?
+            .execute(params![order_id, tracking_number, now_ms()])?;
+            let items = tx
+                .prepare_cached(LINES)?
+                .query_map([order_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .map(|line| order_line(line?))
+                .collect::<Result<_, _>>()?;
             let completed = OrderCompleted {
                 order_id: order_id.to_owned(),
                 customer_id,
-                items: lines(&mut **tx, order_id).await?,
+                items,
                 total_cents,
                 tracking_number,
             };
-            emit(tx, outbox, Service::Order, &completed, cause).await?;
+            emit(tx, outbox, Service::Order, &completed, cause)?;
         }
         Settle::Cancelled(reason, detail) => {
-            sqlx::query(
+            tx.prepare_cached(
                 "UPDATE orders SET status = 'cancelled', cancel_reason = ?2, cancel_detail = ?3,
                                    updated_at = ?4
                  WHERE order_id = ?1",
-            )
-            .bind(order_id)
-            .bind(reason.as_str())
-            .bind(&detail)
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
+            )?
+            .execute(params![order_id, reason.as_str(), detail, now_ms()])?;
             let cancelled = OrderCancelled {
                 order_id: order_id.to_owned(),
                 customer_id,
@@ -720,34 +715,34 @@ async fn settle_in(
                 reason,
                 detail,
             };
-            emit(tx, outbox, Service::Order, &cancelled, cause).await?;
+            emit(tx, outbox, Service::Order, &cancelled, cause)?;
         }
     }
     Ok(true)
 }
 
-async fn lines<'e>(
-    executor: impl sqlx::SqliteExecutor<'e>,
-    order_id: &str,
-) -> Result<Vec<OrderLine>, db::Error> {
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT product_id, quantity, unit_price_cents FROM order_lines
-         WHERE order_id = ?1 ORDER BY line",
-    )
-    .bind(order_id)
-    .fetch_all(executor)
-    .await?;
-    rows.into_iter()
-        .map(|(product_id, quantity, unit_price_cents)| {
-            Ok(OrderLine {
-                product_id,
-                quantity: u32::try_from(quantity).map_err(|_| {
-                    db::Error::Inconsistent(format!("quantity out of range: {quantity}"))
-                })?,
-                unit_price_cents: unsigned(unit_price_cents, "price")?,
-            })
-        })
-        .collect()
+/// The lines of order `?1`, in order: product id, quantity, unit price.
+const LINES: &str = "SELECT product_id, quantity, unit_price_cents FROM order_lines
+                     WHERE order_id = ?1 ORDER BY line";
+
+/// An order line as [`LINES`] reads it.
+fn order_line(
+    (product_id, quantity, unit_price_cents): (String, i64, i64),
+) -> Result<OrderLine, db::Error> {
+    Ok(OrderLine {
+        product_id,
+        quantity: u32::try_from(quantity)
+            .map_err(|_| db::Error::Inconsistent(format!("quantity out of range: {quantity}")))?,
+        unit_price_cents: unsigned(unit_price_cents, "price")?,
+    })
+}
+
+async fn lines(pool: &sqlx::SqlitePool, order_id: &str) -> Result<Vec<OrderLine>, db::Error> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(LINES)
+        .bind(order_id)
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter().map(order_line).collect()
 }
 
 fn order_view(row: &sqlx::sqlite::SqliteRow) -> Result<OrderView, db::Error> {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use herald_core::broker::GroupName;
 use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
+use rusqlite::{OptionalExtension as _, params};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
@@ -58,19 +59,17 @@ pub(crate) const MIGRATIONS: Migrations = &[(
 /// Seeds the customers' credit limits (once: existing rows are kept).
 pub(crate) async fn seed(db: &Db) -> Result<(), db::Error> {
     db.write(|tx| {
-        Box::pin(async move {
-            for customer in catalog::CUSTOMERS {
-                sqlx::query(
-                    "INSERT INTO customers (customer_id, credit_limit_cents) VALUES (?1, ?2)
-                     ON CONFLICT (customer_id) DO NOTHING",
-                )
-                .bind(customer.id)
-                .bind(signed(customer.credit_limit_cents, "credit limit")?)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Ok(())
-        })
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO customers (customer_id, credit_limit_cents) VALUES (?1, ?2)
+             ON CONFLICT (customer_id) DO NOTHING",
+        )?;
+        for customer in catalog::CUSTOMERS {
+            insert.execute(params![
+                customer.id,
+                signed(customer.credit_limit_cents, "credit limit")?
+            ])?;
+        }
+        Ok(())
     })
     .await
 }
@@ -345,60 +344,58 @@ impl PaymentService {
         let outbox = self.outbox.clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    if !first_delivery(tx, &group, &cause).await? {
-                        return Ok(());
-                    }
-                    let payment_id = format!("pay_{}", uuid::Uuid::now_v7().simple());
-                    let (status, reason) = match &decision {
-                        Decision::Approved => ("charged", None),
-                        Decision::Declined(reason, _) => ("declined", Some(reason.as_str())),
-                    };
-                    let recorded = sqlx::query(
+                if !first_delivery(tx, &group, &cause)? {
+                    return Ok(());
+                }
+                let payment_id = format!("pay_{}", uuid::Uuid::now_v7().simple());
+                let (status, reason) = match &decision {
+                    Decision::Approved => ("charged", None),
+                    Decision::Declined(reason, _) => ("declined", Some(reason.as_str())),
+                };
+                let recorded = tx
+                    .prepare_cached(
                         "INSERT INTO payments (order_id, payment_id, customer_id, amount_cents,
                                                status, decline_reason, created_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                          ON CONFLICT (order_id) DO NOTHING",
-                    )
-                    .bind(&order.order_id)
-                    .bind(&payment_id)
-                    .bind(&order.customer_id)
-                    .bind(signed(order.total_cents, "amount")?)
-                    .bind(status)
-                    .bind(reason)
-                    .bind(now_ms())
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected()
-                        == 1;
-                    if !recorded {
-                        tracing::warn!(order_id = %order.order_id, event_id = %cause.id,
-                            "the order already has a payment; not charged again");
-                        return Ok(());
+                    )?
+                    .execute(params![
+                        order.order_id,
+                        payment_id,
+                        order.customer_id,
+                        signed(order.total_cents, "amount")?,
+                        status,
+                        reason,
+                        now_ms(),
+                    ])?
+                    == 1;
+                if !recorded {
+                    tracing::warn!(order_id = %order.order_id, event_id = %cause.id,
+                        "the order already has a payment; not charged again");
+                    return Ok(());
+                }
+                match decision {
+                    Decision::Approved => {
+                        let processed = PaymentProcessed {
+                            order_id: order.order_id.clone(),
+                            customer_id: order.customer_id.clone(),
+                            charge_id: payment_id,
+                            amount_cents: order.total_cents,
+                            items: order.items.iter().map(ItemQuantity::from).collect(),
+                        };
+                        emit(tx, &outbox, Service::Payment, &processed, &cause)
                     }
-                    match decision {
-                        Decision::Approved => {
-                            let processed = PaymentProcessed {
-                                order_id: order.order_id.clone(),
-                                customer_id: order.customer_id.clone(),
-                                charge_id: payment_id,
-                                amount_cents: order.total_cents,
-                                items: order.items.iter().map(ItemQuantity::from).collect(),
-                            };
-                            emit(tx, &outbox, Service::Payment, &processed, &cause).await
-                        }
-                        Decision::Declined(reason, detail) => {
-                            let failed = PaymentFailed {
-                                order_id: order.order_id.clone(),
-                                customer_id: order.customer_id.clone(),
-                                amount_cents: order.total_cents,
-                                reason,
-                                detail,
-                            };
-                            emit(tx, &outbox, Service::Payment, &failed, &cause).await
-                        }
+                    Decision::Declined(reason, detail) => {
+                        let failed = PaymentFailed {
+                            order_id: order.order_id.clone(),
+                            customer_id: order.customer_id.clone(),
+                            amount_cents: order.total_cents,
+                            reason,
+                            detail,
+                        };
+                        emit(tx, &outbox, Service::Payment, &failed, &cause)
                     }
-                })
+                }
             })
             .await
             .map_err(handler_error)
@@ -414,50 +411,54 @@ impl PaymentService {
         let outbox = self.outbox.clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    if !first_delivery(tx, &group, &cause).await? {
-                        return Ok(());
-                    }
-                    let charge: Option<(String, String, i64)> = sqlx::query_as(
+                if !first_delivery(tx, &group, &cause)? {
+                    return Ok(());
+                }
+                let charge = tx
+                    .prepare_cached(
                         "SELECT payment_id, customer_id, amount_cents FROM payments
                          WHERE order_id = ?1 AND status = 'charged'",
-                    )
-                    .bind(&short.order_id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    let Some((payment_id, customer_id, amount_cents)) = charge else {
-                        return Err(db::Error::Inconsistent(format!(
-                            "order {} has no charge to refund",
-                            short.order_id
-                        )));
-                    };
-                    let detail = shortage_detail(&short);
-                    let refunded = sqlx::query(
+                    )?
+                    .query_row([&short.order_id], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((payment_id, customer_id, amount_cents)) = charge else {
+                    return Err(db::Error::Inconsistent(format!(
+                        "order {} has no charge to refund",
+                        short.order_id
+                    )));
+                };
+                let detail = shortage_detail(&short);
+                let refunded = tx
+                    .prepare_cached(
                         "INSERT INTO refunds (order_id, refund_id, amount_cents, detail, created_at)
                          VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (order_id) DO NOTHING",
-                    )
-                    .bind(&short.order_id)
-                    .bind(format!("ref_{}", uuid::Uuid::now_v7().simple()))
-                    .bind(amount_cents)
-                    .bind(&detail)
-                    .bind(now_ms())
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected()
-                        == 1;
-                    if !refunded {
-                        tracing::warn!(order_id = %short.order_id, "the order was refunded already");
-                        return Ok(());
-                    }
-                    let payload = PaymentRefunded {
-                        order_id: short.order_id.clone(),
-                        customer_id,
-                        charge_id: payment_id,
-                        amount_cents: unsigned(amount_cents, "amount")?,
+                    )?
+                    .execute(params![
+                        short.order_id,
+                        format!("ref_{}", uuid::Uuid::now_v7().simple()),
+                        amount_cents,
                         detail,
-                    };
-                    emit(tx, &outbox, Service::Payment, &payload, &cause).await
-                })
+                        now_ms(),
+                    ])?
+                    == 1;
+                if !refunded {
+                    tracing::warn!(order_id = %short.order_id, "the order was refunded already");
+                    return Ok(());
+                }
+                let payload = PaymentRefunded {
+                    order_id: short.order_id.clone(),
+                    customer_id,
+                    charge_id: payment_id,
+                    amount_cents: unsigned(amount_cents, "amount")?,
+                    detail,
+                };
+                emit(tx, &outbox, Service::Payment, &payload, &cause)
             })
             .await
             .map_err(handler_error)

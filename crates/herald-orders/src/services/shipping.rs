@@ -8,6 +8,7 @@ use std::sync::Arc;
 use herald_core::broker::GroupName;
 use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
+use rusqlite::{OptionalExtension as _, params};
 
 use crate::db::{Db, Migrations, now_ms};
 use crate::events::{InventoryReserved, Service, ShippingScheduled};
@@ -66,13 +67,13 @@ impl ShippingService {
         let outbox = self.outbox.clone();
         self.db
             .write(move |tx| {
-                Box::pin(async move {
-                    if !first_delivery(tx, &group, &cause).await? {
-                        return Ok(());
-                    }
-                    // The next shipment id, read under the write lock the batch holds: the
-                    // tracking number is unique because the id is.
-                    let scheduled: Option<(i64, String)> = sqlx::query_as(
+                if !first_delivery(tx, &group, &cause)? {
+                    return Ok(());
+                }
+                // The next shipment id, read under the write lock the batch holds: the
+                // tracking number is unique because the id is.
+                let scheduled = tx
+                    .prepare_cached(
                         "INSERT INTO shipments (order_id, tracking_number, carrier, created_at)
                          VALUES (?1,
                                  'HX' || printf('%010d',
@@ -80,24 +81,22 @@ impl ShippingService {
                                  ?2, ?3)
                          ON CONFLICT (order_id) DO NOTHING
                          RETURNING shipment_id, tracking_number",
-                    )
-                    .bind(&reserved.order_id)
-                    .bind(CARRIER)
-                    .bind(now_ms())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    let Some((shipment_id, tracking_number)) = scheduled else {
-                        tracing::warn!(order_id = %reserved.order_id, "the order has a shipment already");
-                        return Ok(());
-                    };
-                    let payload = ShippingScheduled {
-                        order_id: reserved.order_id.clone(),
-                        shipment_id: format!("shp_{shipment_id}"),
-                        tracking_number,
-                        carrier: CARRIER.to_owned(),
-                    };
-                    emit(tx, &outbox, Service::Shipping, &payload, &cause).await
-                })
+                    )?
+                    .query_row(params![reserved.order_id, CARRIER, now_ms()], |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .optional()?;
+                let Some((shipment_id, tracking_number)) = scheduled else {
+                    tracing::warn!(order_id = %reserved.order_id, "the order has a shipment already");
+                    return Ok(());
+                };
+                let payload = ShippingScheduled {
+                    order_id: reserved.order_id.clone(),
+                    shipment_id: format!("shp_{shipment_id}"),
+                    tracking_number,
+                    carrier: CARRIER.to_owned(),
+                };
+                emit(tx, &outbox, Service::Shipping, &payload, &cause)
             })
             .await
             .map_err(handler_error)
