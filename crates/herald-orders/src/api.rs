@@ -312,7 +312,6 @@ async fn get_order(
         system
             .order_service()
             .get(&order_id)
-            .await
             .map_err(|error| Problem::internal(&error))?
     } else {
         match system
@@ -334,7 +333,6 @@ async fn get_order(
         ));
     };
     let payment = payment::summary(system.payment_db(), &order.order_id)
-        .await
         .map_err(|error| Problem::internal(&error))?;
     let events = audit::trail(system.audit_db(), &order.correlation_id)
         .await
@@ -375,7 +373,6 @@ async fn list_orders(
     let orders = system
         .order_service()
         .list(status, limit)
-        .await
         .map_err(|error| Problem::internal(&error))?;
     Ok(Json(json!({ "orders": orders })))
 }

@@ -23,14 +23,17 @@
 //! - Writers take turns instead of meeting on SQLite's write lock, whose busy handler would
 //!   make them sleep for milliseconds: the outbox relay writes through [`Db::writes`], a
 //!   pool of one connection, and the writer holds that connection (unused) for each batch.
-//! - Reads go through [`Db::pool`] (write-ahead log: readers never wait for the writer).
+//! - Reads never wait for the writer (write-ahead log). [`Db::read`] runs a short read on
+//!   the caller's thread, on a connection of the service's own (rusqlite), in one read
+//!   transaction: the reads of the flow and of its API. [`Db::pool`] is sqlx's, for
+//!   Herald's outbox queries and the tools.
 //!
 //! The writer stops when its stop token is cancelled, after running the jobs already queued;
 //! later writes fail with [`Error::Closed`].
 
 use std::any::Any;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -140,13 +143,42 @@ struct Job {
     reply: oneshot::Sender<Output>,
 }
 
-/// A service's database: a pool for reads, the relay's write connection and the writer's
-/// queue. Cheap to clone.
+/// A service's database: its readers, a pool for sqlx's reads, the relay's write
+/// connection and the writer's queue. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Db {
+    readers: Arc<Readers>,
     pool: SqlitePool,
     writes: SqlitePool,
     jobs: mpsc::Sender<Job>,
+}
+
+/// The connections of [`Db::read`]: opened when none is idle, kept up to `idle_max`.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+    idle_max: usize,
+}
+
+impl Readers {
+    fn take(&self) -> Result<rusqlite::Connection, Error> {
+        let idle = self.idle.lock().expect("not poisoned").pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => {
+                let conn = rusqlite::Connection::open(&self.path)?;
+                conn.busy_timeout(Duration::from_millis(herald_sql::SQLITE_BUSY_TIMEOUT_MS))?;
+                Ok(conn)
+            }
+        }
+    }
+
+    fn put(&self, conn: rusqlite::Connection) {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        if idle.len() < self.idle_max {
+            idle.push(conn);
+        }
+    }
 }
 
 /// The writer of a [`Db`], before it runs.
@@ -208,8 +240,14 @@ impl Db {
             .await?;
         let conn = open_writer(path, options.durability)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(options.write_queue_len_max.max(1));
+        let readers = Arc::new(Readers {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+            idle_max: options.read_connections_max.max(1) as usize,
+        });
         Ok((
             Db {
+                readers,
                 pool,
                 writes: writes.clone(),
                 jobs: jobs_tx,
@@ -224,7 +262,23 @@ impl Db {
         ))
     }
 
-    /// The pool for reads.
+    /// Runs `read` in a read transaction, on the caller's thread: it sees one committed
+    /// state of the database. It must be short (a few indexed lookups): it holds up the
+    /// caller's thread, which may be one of the runtime's.
+    pub(crate) fn read<T>(
+        &self,
+        read: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut conn = self.readers.take()?;
+        let output = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(Error::from)
+            .and_then(|tx| read(&tx));
+        self.readers.put(conn);
+        output
+    }
+
+    /// The pool for sqlx's reads.
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
     }

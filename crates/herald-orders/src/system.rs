@@ -719,7 +719,7 @@ impl SystemHandle {
 
     /// The order `order_id`, if there is one.
     pub async fn order(&self, order_id: &str) -> Result<Option<OrderView>, db::Error> {
-        self.shared.order.get(order_id).await
+        self.shared.order.get(order_id)
     }
 
     /// The order once it is settled (completed or cancelled), or as it is when `timeout`

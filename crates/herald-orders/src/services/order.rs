@@ -20,7 +20,6 @@ use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
 use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -469,7 +468,7 @@ impl OrderService {
             Err(order_id) => Ok(Placed::KeyReused { order_id }),
             Ok(Ok(view)) => Ok(Placed::New(view)),
             Ok(Err(order_id)) => {
-                let view = self.get(&order_id).await?.ok_or_else(|| {
+                let view = self.get(&order_id)?.ok_or_else(|| {
                     db::Error::Inconsistent(format!("the key's order {order_id} is missing"))
                 })?;
                 Ok(Placed::Replayed(view))
@@ -478,46 +477,38 @@ impl OrderService {
     }
 
     /// The order `order_id`.
-    pub(crate) async fn get(&self, order_id: &str) -> Result<Option<OrderView>, db::Error> {
-        let row = sqlx::query(
-            "SELECT order_id, correlation_id, customer_id, status, total_cents, payment_method,
-                    shipping_address, cancel_reason, cancel_detail, tracking_number,
-                    placed_event_id, created_at, updated_at
-             FROM orders WHERE order_id = ?1",
-        )
-        .bind(order_id)
-        .fetch_optional(self.db.pool())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut view = order_view(&row)?;
-        view.items = lines(self.db.pool(), order_id).await?;
-        Ok(Some(view))
+    pub(crate) fn get(&self, order_id: &str) -> Result<Option<OrderView>, db::Error> {
+        self.db.read(|tx| {
+            let mut select = tx.prepare_cached(&format!("{ORDERS} WHERE order_id = ?1"))?;
+            let mut rows = select.query([order_id])?;
+            let Some(row) = rows.next()? else {
+                return Ok(None);
+            };
+            let mut view = order_view(row)?;
+            view.items = lines(tx, order_id)?;
+            Ok(Some(view))
+        })
     }
 
     /// The newest orders (by id, newest first), of `status` if given; at most `limit`.
-    pub(crate) async fn list(
+    pub(crate) fn list(
         &self,
         status: Option<OrderStatus>,
         limit: u32,
     ) -> Result<Vec<OrderView>, db::Error> {
-        let rows = sqlx::query(
-            "SELECT order_id, correlation_id, customer_id, status, total_cents, payment_method,
-                    shipping_address, cancel_reason, cancel_detail, tracking_number,
-                    placed_event_id, created_at, updated_at
-             FROM orders WHERE ?1 IS NULL OR status = ?1
-             ORDER BY order_id DESC LIMIT ?2",
-        )
-        .bind(status.map(OrderStatus::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(self.db.pool())
-        .await?;
-        let mut views = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut view = order_view(row)?;
-            view.items = lines(self.db.pool(), &view.order_id).await?;
-            views.push(view);
-        }
-        Ok(views)
+        self.db.read(|tx| {
+            let mut select = tx.prepare_cached(&format!(
+                "{ORDERS} WHERE ?1 IS NULL OR status = ?1 ORDER BY order_id DESC LIMIT ?2"
+            ))?;
+            let mut rows = select.query(params![status.map(OrderStatus::as_str), limit])?;
+            let mut views = Vec::new();
+            while let Some(row) = rows.next()? {
+                let mut view = order_view(row)?;
+                view.items = lines(tx, &view.order_id)?;
+                views.push(view);
+            }
+            Ok(views)
+        })
     }
 
     /// The order once it is settled, or as it is when `timeout` elapses; `None` if there is
@@ -530,7 +521,7 @@ impl OrderService {
         // Registered before reading, so that a settlement between the read and the wait
         // still wakes this caller.
         let woken = self.waiters.register(order_id)?;
-        let order = self.get(order_id).await;
+        let order = self.get(order_id);
         let order = match order {
             Ok(Some(order)) if !order.status.is_settled() => order,
             other => {
@@ -547,7 +538,7 @@ impl OrderService {
             self.waiters.forget(order_id);
             return Ok(Some(order));
         }
-        Ok(self.get(order_id).await?)
+        Ok(self.get(order_id)?)
     }
 
     async fn settle(
@@ -687,15 +678,10 @@ fn settle_in(
                  WHERE order_id = ?1",
             )?
             .execute(params![order_id, tracking_number, now_ms()])?;
-            let items = tx
-                .prepare_cached(LINES)?
-                .query_map([order_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-                .map(|line| order_line(line?))
-                .collect::<Result<_, _>>()?;
             let completed = OrderCompleted {
                 order_id: order_id.to_owned(),
                 customer_id,
-                items,
+                items: lines(tx, order_id)?,
                 total_cents,
                 tracking_number,
             };
@@ -737,27 +723,34 @@ fn order_line(
     })
 }
 
-async fn lines(pool: &sqlx::SqlitePool, order_id: &str) -> Result<Vec<OrderLine>, db::Error> {
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(LINES)
-        .bind(order_id)
-        .fetch_all(pool)
-        .await?;
-    rows.into_iter().map(order_line).collect()
+/// The lines of order `order_id`, in order.
+fn lines(tx: &Tx<'_>, order_id: &str) -> Result<Vec<OrderLine>, db::Error> {
+    tx.prepare_cached(LINES)?
+        .query_map([order_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .map(|line| order_line(line?))
+        .collect()
 }
 
-fn order_view(row: &sqlx::sqlite::SqliteRow) -> Result<OrderView, db::Error> {
-    let status: String = row.try_get("status")?;
-    let cancel_reason: Option<String> = row.try_get("cancel_reason")?;
+/// The columns of an order, as [`order_view`] reads them.
+const ORDERS: &str = "SELECT order_id, correlation_id, customer_id, status, total_cents,
+                             payment_method, shipping_address, cancel_reason, cancel_detail,
+                             tracking_number, placed_event_id, created_at, updated_at
+                      FROM orders";
+
+/// The order of a row of [`ORDERS`], without its lines.
+fn order_view(row: &rusqlite::Row<'_>) -> Result<OrderView, db::Error> {
+    let status: String = row.get("status")?;
+    let cancel_reason: Option<String> = row.get("cancel_reason")?;
     Ok(OrderView {
-        order_id: row.try_get("order_id")?,
-        correlation_id: row.try_get("correlation_id")?,
-        customer_id: row.try_get("customer_id")?,
+        order_id: row.get("order_id")?,
+        correlation_id: row.get("correlation_id")?,
+        customer_id: row.get("customer_id")?,
         status: OrderStatus::parse(&status)
             .ok_or_else(|| db::Error::Inconsistent(format!("unknown order status {status:?}")))?,
         items: Vec::new(),
-        total_cents: unsigned(row.try_get("total_cents")?, "total")?,
-        payment_method: row.try_get("payment_method")?,
-        shipping_address: row.try_get("shipping_address")?,
+        total_cents: unsigned(row.get("total_cents")?, "total")?,
+        payment_method: row.get("payment_method")?,
+        shipping_address: row.get("shipping_address")?,
         cancel_reason: cancel_reason
             .map(|reason| {
                 CancelReason::parse(&reason).ok_or_else(|| {
@@ -765,11 +758,11 @@ fn order_view(row: &sqlx::sqlite::SqliteRow) -> Result<OrderView, db::Error> {
                 })
             })
             .transpose()?,
-        cancel_detail: row.try_get("cancel_detail")?,
-        tracking_number: row.try_get("tracking_number")?,
-        placed_event_id: row.try_get("placed_event_id")?,
-        created_at: rfc3339(row.try_get("created_at")?),
-        updated_at: rfc3339(row.try_get("updated_at")?),
+        cancel_detail: row.get("cancel_detail")?,
+        tracking_number: row.get("tracking_number")?,
+        placed_event_id: row.get("placed_event_id")?,
+        created_at: rfc3339(row.get("created_at")?),
+        updated_at: rfc3339(row.get("updated_at")?),
     })
 }
 

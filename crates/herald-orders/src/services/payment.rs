@@ -90,18 +90,26 @@ pub struct PaymentSummary {
 }
 
 /// The payment and refund of `order_id`.
-pub(crate) async fn summary(db: &Db, order_id: &str) -> Result<PaymentSummary, db::Error> {
-    let payment: Option<(String, Option<String>, i64)> = sqlx::query_as(
-        "SELECT status, decline_reason, amount_cents FROM payments WHERE order_id = ?1",
-    )
-    .bind(order_id)
-    .fetch_optional(db.pool())
-    .await?;
-    let refunded: Option<i64> =
-        sqlx::query_scalar("SELECT amount_cents FROM refunds WHERE order_id = ?1")
-            .bind(order_id)
-            .fetch_optional(db.pool())
-            .await?;
+pub(crate) fn summary(db: &Db, order_id: &str) -> Result<PaymentSummary, db::Error> {
+    let (payment, refunded) = db.read(|tx| {
+        let payment = tx
+            .prepare_cached(
+                "SELECT status, decline_reason, amount_cents FROM payments WHERE order_id = ?1",
+            )?
+            .query_row([order_id], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?;
+        let refunded = tx
+            .prepare_cached("SELECT amount_cents FROM refunds WHERE order_id = ?1")?
+            .query_row([order_id], |row| row.get::<_, i64>(0))
+            .optional()?;
+        Ok((payment, refunded))
+    })?;
     let charged_cents = match &payment {
         Some((status, _, amount)) if status == "charged" => unsigned(*amount, "amount")?,
         _ => 0,
@@ -319,15 +327,20 @@ impl PaymentService {
     async fn charge(&self, order: OrderPlaced, ctx: HandlerContext) -> Result<(), HandlerError> {
         // A redelivery of a charged order must not reach the gateway again; an unknown
         // customer has no credit line.
-        let (recorded, limit): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT 1 FROM payments WHERE order_id = ?1),
-                    (SELECT credit_limit_cents FROM customers WHERE customer_id = ?2)",
-        )
-        .bind(&order.order_id)
-        .bind(&order.customer_id)
-        .fetch_one(self.db.pool())
-        .await
-        .map_err(|error| handler_error(error.into()))?;
+        let (recorded, limit) = self
+            .db
+            .read(|tx| {
+                let read = tx
+                    .prepare_cached(
+                        "SELECT (SELECT 1 FROM payments WHERE order_id = ?1),
+                                (SELECT credit_limit_cents FROM customers WHERE customer_id = ?2)",
+                    )?
+                    .query_row(params![order.order_id, order.customer_id], |row| {
+                        Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))
+                    })?;
+                Ok(read)
+            })
+            .map_err(handler_error)?;
         if recorded.is_some() {
             return Ok(());
         }
