@@ -101,18 +101,18 @@ impl Dialect for Sqlite {
         _notify: bool,
     ) -> sqlx::Result<i64> {
         let done = sqlx::query(statements::OUTBOX_INSERT)
-        .bind(row.id)
-        .bind(row.aggregatetype)
-        .bind(row.aggregateid)
-        .bind(row.ty)
-        .bind(row.payload)
-        .bind(row.payload_kind)
-        .bind(&row.headers)
-        .bind(row.topic)
-        .bind(row.partition)
-        .bind(now_ms())
-        .execute(conn)
-        .await?;
+            .bind(row.id)
+            .bind(row.aggregatetype)
+            .bind(row.aggregateid)
+            .bind(row.ty)
+            .bind(row.payload)
+            .bind(row.payload_kind)
+            .bind(&row.headers)
+            .bind(row.topic)
+            .bind(row.partition)
+            .bind(now_ms())
+            .execute(conn)
+            .await?;
         Ok(done.last_insert_rowid())
     }
 
@@ -340,19 +340,25 @@ impl Dialect for Sqlite {
             return Ok(());
         }
         let now = now_ms();
-        let mut tx = pool.begin().await?;
-        if !published.is_empty() {
+        let settle_published = (!published.is_empty()).then(|| {
             let sql = if delete {
                 "DELETE FROM herald_outbox WHERE seq IN (SELECT value FROM json_each(?1))"
             } else {
                 "UPDATE herald_outbox SET published_at = ?2, next_attempt_at = NULL
                  WHERE seq IN (SELECT value FROM json_each(?1))"
             };
-            sqlx::query(sql)
-                .bind(json_list(published))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(sql).bind(json_list(published)).bind(now)
+        });
+        if failures.is_empty() {
+            // One statement is a transaction of its own: no BEGIN and COMMIT round trips.
+            if let Some(settle) = settle_published {
+                settle.execute(pool).await?;
+            }
+            return Ok(());
+        }
+        let mut tx = pool.begin().await?;
+        if let Some(settle) = settle_published {
+            settle.execute(&mut *tx).await?;
         }
         for failure in failures {
             sqlx::query(
@@ -402,12 +408,12 @@ impl Dialect for Sqlite {
         published: &str,
     ) -> sqlx::Result<bool> {
         let done = sqlx::query(statements::INBOX_INSERT)
-        .bind(group)
-        .bind(event_id)
-        .bind(now_ms())
-        .bind(published)
-        .execute(conn)
-        .await?;
+            .bind(group)
+            .bind(event_id)
+            .bind(now_ms())
+            .bind(published)
+            .execute(conn)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -103,6 +103,7 @@ async fn three_relays_keep_order_per_key_when_one_crashes() {
         stuck: watch::Sender::new(false),
     });
     let mut relays = Vec::new();
+    let mut handles = Vec::new();
     for index in 0..3 {
         let pool = common::postgres_pool(&url, 3).await;
         let publisher: Arc<dyn Publisher> = if index == 1 {
@@ -117,8 +118,18 @@ async fn three_relays_keep_order_per_key_when_one_crashes() {
         .build(pool.clone(), publisher)
         .unwrap();
         let holder = relay.holder().to_owned();
+        handles.push(relay.handle());
         let task = tokio::spawn(relay.run(shutdown.clone()));
         relays.push((holder, pool, task));
+    }
+    // The first relay to start takes every partition and gives back the others' shares at
+    // its next renewal: the writes start once each relay holds its share, so that the relay
+    // crashed below holds leases with rows behind them.
+    for handle in &handles {
+        let share = (LEASE_PARTITIONS / 3) as usize;
+        tokio::time::timeout(HANG_GUARD, handle.wait_for(|p| p.held.len() >= share))
+            .await
+            .expect("every relay takes its share of the partitions");
     }
 
     // Writers: each owns a quarter of the keys and writes them in order, half before the

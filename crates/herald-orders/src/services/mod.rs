@@ -53,9 +53,7 @@ pub(crate) fn first_delivery(
 /// Writes `event` to `outbox` in `tx`: the row [`Outbox::enqueue`] writes, after the same
 /// check.
 pub(crate) fn enqueue(tx: &Tx<'_>, outbox: &Outbox, event: &Event) -> Result<(), db::Error> {
-    event
-        .validate()
-        .map_err(herald_sql::Error::InvalidEvent)?;
+    event.validate().map_err(herald_sql::Error::InvalidEvent)?;
     let row = OutboxRow::of(outbox.topic(), event);
     tx.prepare_cached(sqlite_statements::OUTBOX_INSERT)?
         .execute(params![

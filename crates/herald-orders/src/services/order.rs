@@ -726,7 +726,9 @@ fn order_line(
 /// The lines of order `order_id`, in order.
 fn lines(tx: &Tx<'_>, order_id: &str) -> Result<Vec<OrderLine>, db::Error> {
     tx.prepare_cached(LINES)?
-        .query_map([order_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .query_map([order_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
         .map(|line| order_line(line?))
         .collect()
 }

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use herald_core::broker::GroupName;
 use herald_runtime::{HandlerContext, HandlerError, Router};
 use herald_sql::Outbox;
-use rusqlite::{OptionalExtension as _, params};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
+use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
 use crate::catalog;
@@ -365,8 +365,8 @@ impl PaymentService {
                     Decision::Approved => ("charged", None),
                     Decision::Declined(reason, _) => ("declined", Some(reason.as_str())),
                 };
-                let recorded = tx
-                    .prepare_cached(
+                let recorded =
+                    tx.prepare_cached(
                         "INSERT INTO payments (order_id, payment_id, customer_id, amount_cents,
                                                status, decline_reason, created_at)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -380,8 +380,7 @@ impl PaymentService {
                         status,
                         reason,
                         now_ms(),
-                    ])?
-                    == 1;
+                    ])? == 1;
                 if !recorded {
                     tracing::warn!(order_id = %order.order_id, event_id = %cause.id,
                         "the order already has a payment; not charged again");
