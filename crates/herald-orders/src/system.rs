@@ -491,7 +491,9 @@ impl SystemOptions {
                     group(service),
                     pipeline,
                 )
-                .map_err(|source| BuildError::Consumer { service, source })?;
+                .map_err(|source| BuildError::Consumer { service, source })?
+                // Most events of the topic are for other services.
+                .skip_other_types(router.types());
             handles.insert(service, (group(service), consumer.handle(), router));
             consumers.push((service, consumer));
         }
@@ -805,7 +807,9 @@ impl SystemHandle {
         self.shared
             .consumers
             .get(&service)
-            .map_or(0, |(_, _, router)| router.skipped_count())
+            .map_or(0, |(_, handle, router)| {
+                handle.skipped_on_arrival() + router.skipped_count()
+            })
     }
 
     /// Checks the system's invariants on its databases (see [`invariants`]). Meaningful

@@ -20,6 +20,10 @@
 //!   the [`DeadLetterStore`], then the message is acked, so a poison event never blocks its
 //!   partition. [`Outcome::Abandoned`] (shutdown): not acked, so it is delivered again; the
 //!   key runs nothing more in this member.
+//! - **Skipping on arrival.** With [`ConsumerService::skip_other_types`], a message of a
+//!   type the group does not handle is acked as it arrives and counted as skipped, without
+//!   running the pipeline: what a router that skips unknown types would answer, for a
+//!   fraction of the work.
 //! - **Parking.** With [`OnDeadLetter::ParkKey`], the later messages of a key whose event
 //!   was dead-lettered are held — neither handled nor acked — until every dead letter of
 //!   that key is discarded ([`Handle::discard`]) or replayed successfully
@@ -61,6 +65,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use herald_core::broker::{
@@ -260,6 +265,11 @@ pub struct ConsumerService<S = Pipeline> {
     pipeline: S,
     commands_tx: mpsc::Sender<Command>,
     commands_rx: mpsc::Receiver<Command>,
+    /// With [`skip_other_types`](ConsumerService::skip_other_types): the types that reach
+    /// the pipeline.
+    types: Option<Arc<HashSet<String>>>,
+    /// Messages acked on arrival for their type.
+    skipped_on_arrival: Arc<AtomicU64>,
 }
 
 /// Talks to a running consumer: discards and replays its group's dead letters. Cheap to
@@ -269,6 +279,7 @@ pub struct Handle {
     group: GroupName,
     dead_letters: Arc<dyn DeadLetterStore>,
     commands: mpsc::Sender<Command>,
+    skipped_on_arrival: Arc<AtomicU64>,
 }
 
 impl ConsumerOptions {
@@ -317,6 +328,8 @@ impl ConsumerOptions {
             pipeline,
             commands_tx,
             commands_rx,
+            types: None,
+            skipped_on_arrival: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -332,7 +345,22 @@ where
             group: self.group.clone(),
             dead_letters: Arc::clone(&self.dead_letters),
             commands: self.commands_tx.clone(),
+            skipped_on_arrival: Arc::clone(&self.skipped_on_arrival),
         }
+    }
+
+    /// Acks every message whose type is not one of `types` as soon as it arrives, without
+    /// running the pipeline, and counts it as skipped: in [`Report::skipped`],
+    /// [`Handle::skipped_on_arrival`] and [`EVENTS_HANDLED_TOTAL`](crate::EVENTS_HANDLED_TOTAL)
+    /// (outcome `skipped`, as the metrics layer counts it). For a pipeline whose router
+    /// skips the types it has no handler for ([`UnknownType::Skip`](crate::UnknownType),
+    /// the default): give it [`Router::types`](crate::Router::types), and the outcome is the
+    /// same without a task, a span, a timer and the stack's work for each such message —
+    /// most of a topic's messages, for a group that handles a few of its types. A skipped
+    /// message does not wait behind the earlier messages of its key.
+    pub fn skip_other_types<T: Into<String>>(mut self, types: impl IntoIterator<Item = T>) -> Self {
+        self.types = Some(Arc::new(types.into_iter().map(Into::into).collect()));
+        self
     }
 
     /// Joins the group and handles its messages until `shutdown` is cancelled (or the
@@ -349,6 +377,8 @@ where
             pipeline,
             commands_tx,
             commands_rx,
+            types,
+            skipped_on_arrival,
         } = self;
 
         let mut parked: HashMap<String, BTreeSet<String>> = HashMap::new();
@@ -398,6 +428,11 @@ where
                 messages_tx,
                 acks_rx,
                 receiving.clone(),
+                types.map(|types| Skip {
+                    types,
+                    group: group.clone(),
+                    skipped: Arc::clone(&skipped_on_arrival),
+                }),
             )
             .instrument(tracing::info_span!("herald.consumer.receive", %group, %topic)),
         );
@@ -442,11 +477,20 @@ where
                 std::panic::resume_unwind(error.into_panic());
             }
         }
-        stopped
+        stopped.map(|mut report| {
+            report.skipped += skipped_on_arrival.load(Ordering::Relaxed);
+            report
+        })
     }
 }
 
 impl Handle {
+    /// How many messages the consumer acked on arrival for their type
+    /// ([`ConsumerService::skip_other_types`]), since it was built.
+    pub fn skipped_on_arrival(&self) -> u64 {
+        self.skipped_on_arrival.load(Ordering::Relaxed)
+    }
+
     /// Discards the dead letter `id` of this consumer's group; with
     /// [`OnDeadLetter::ParkKey`], its key's held events continue once the key has no other
     /// dead letter. Returns the record, or `None` if there was none (a discard is
@@ -921,15 +965,42 @@ async fn parked_keys(
     }
 }
 
+/// The messages the receive task acks on arrival: those of other types than `types`.
+struct Skip {
+    types: Arc<HashSet<String>>,
+    group: GroupName,
+    skipped: Arc<AtomicU64>,
+}
+
+impl Skip {
+    /// Whether `message` is of a type to skip; if so, counts it.
+    fn skips(&self, message: &Message) -> bool {
+        if self.types.contains(&message.event.ty) {
+            return false;
+        }
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(
+            crate::EVENTS_HANDLED_TOTAL,
+            "group" => self.group.to_string(),
+            "type" => message.event.ty.clone(),
+            "outcome" => Outcome::Skipped.as_str(),
+        )
+        .increment(1);
+        true
+    }
+}
+
 /// The receive task: owns the consumer. Receives while `receiving` is not cancelled and a
-/// permit is free, and applies each ack as soon as it arrives; once told to stop, acks
-/// until the scheduler drops the ack sender, then closes the consumer.
+/// permit is free, and applies each ack as soon as it arrives (acking at once the messages
+/// `skip` names); once told to stop, acks until the scheduler drops the ack sender, then
+/// closes the consumer.
 async fn receive(
     mut consumer: Box<dyn Consumer>,
     permits: Arc<Semaphore>,
     messages: mpsc::Sender<Option<Received>>,
     mut acks: mpsc::Receiver<Received>,
     receiving: CancellationToken,
+    skip: Option<Skip>,
 ) -> Result<(), broker::Error> {
     'receiving: loop {
         let permit = tokio::select! {
@@ -960,6 +1031,17 @@ async fn receive(
         };
         match received {
             Some(Ok(message)) => {
+                if skip.as_ref().is_some_and(|skip| skip.skips(&message)) {
+                    ack(
+                        consumer.as_mut(),
+                        Received {
+                            message,
+                            _permit: permit,
+                        },
+                    )
+                    .await;
+                    continue;
+                }
                 // The channel holds as many messages as there are permits: never full.
                 if messages
                     .try_send(Some(Received {

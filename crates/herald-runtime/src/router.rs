@@ -123,6 +123,11 @@ impl Router {
         self
     }
 
+    /// The types this router has a handler for, in no particular order.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
     /// How many deliveries this router (and its clones) skipped for an unknown type.
     pub fn skipped_count(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)

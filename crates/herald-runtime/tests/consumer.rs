@@ -555,6 +555,67 @@ async fn a_graceful_drain_acks_finished_work_and_a_new_member_does_not_handle_it
 }
 
 #[tokio::test(start_paused = true)]
+async fn types_without_a_handler_are_acked_on_arrival_when_the_consumer_skips_them() {
+    // One partition: the skipped messages come between the handled ones.
+    let broker = InMemoryBroker::new(1);
+    let other = |key: &str, n: u32| {
+        Event::new("/test", "Other")
+            .with_id(format!("other-{key}-{n}"))
+            .with_partition_key(key)
+    };
+    let mut events = Vec::new();
+    for n in 0..5 {
+        events.extend([step("a", n), other("a", n), step("b", n)]);
+    }
+    publish(&broker, events).await;
+    let seen = Seen::new(|_, _| Behaviour::Succeed);
+    let router = seen.router();
+    let build = |router: Router| {
+        let pipeline = PipelineOptions::default().build(
+            router.clone(),
+            StdRng::seed_from_u64(7),
+            Arc::new(TokioClock::starting_at(chrono::Utc::now())),
+        );
+        ConsumerOptions::default()
+            .build(
+                Arc::new(broker.clone()),
+                Arc::new(broker.clone()),
+                Arc::new(InMemoryDeadLetterStore::new()),
+                topic(),
+                group(),
+                pipeline,
+            )
+            .unwrap()
+            .skip_other_types(router.types())
+    };
+    let service = build(router.clone());
+    let handle = service.handle();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(service.run(shutdown.clone()));
+    seen.wait_calls(10).await;
+    shutdown.cancel();
+    let report = run.await.unwrap().unwrap();
+
+    assert_eq!((report.handled, report.skipped), (10, 5));
+    assert_eq!(handle.skipped_on_arrival(), 5);
+    assert_eq!(router.skipped_count(), 0, "the router never saw them");
+    assert_eq!(seen.of("a"), names("a", 0..5), "key a in order");
+    assert_eq!(seen.of("b"), names("b", 0..5), "key b in order");
+
+    // Acked: a new member of the group gets none of them again.
+    publish(&broker, vec![step("z", 0)]).await;
+    let again = Seen::new(|_, _| Behaviour::Succeed);
+    let service = build(again.router());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(service.run(shutdown.clone()));
+    again.wait_calls(1).await;
+    shutdown.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.handled, report.skipped), (1, 0));
+    assert_eq!(again.log(), names("z", [0]));
+}
+
+#[tokio::test(start_paused = true)]
 async fn abandoned_work_is_redelivered_to_the_next_member() {
     let broker = InMemoryBroker::new(1);
     publish(
