@@ -237,7 +237,8 @@ fn postgres_migrate_and_status() {
     let first = success(herald(dir.path(), &["migrate", "--database-url", &url]));
     assert_eq!(
         first,
-        "applied 1000000001 herald outbox inbox checkpoints\n"
+        "applied 1000000001 herald outbox inbox checkpoints\n\
+         applied 1000000002 herald inbox handled_at index\n"
     );
     let again = success(herald(dir.path(), &["migrate", "--database-url", &url]));
     assert_eq!(again, "nothing to apply: the database is up to date\n");

@@ -71,6 +71,6 @@ pub use services::order::{
 pub use services::payment::{Gateway, InvalidRate, PaymentSummary, Unavailable};
 pub use services::shipping::CARRIER;
 pub use system::{
-    BuildError, DEAD_LETTERS_LEN_MAX, IdleError, PlaceError, RunError, RunReport, SERVICES_DIR,
-    System, SystemHandle, SystemOptions, TOPIC_DEFAULT,
+    BuildError, DEAD_LETTERS_LEN_MAX, IdleError, PlaceError, Pruned, RetentionOptions, RunError,
+    RunReport, SERVICES_DIR, System, SystemHandle, SystemOptions, TOPIC_DEFAULT,
 };

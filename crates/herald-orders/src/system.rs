@@ -82,7 +82,48 @@ pub struct SystemOptions {
     pub projection_batch_len_max: usize,
     /// How long the analytics projection waits before resubscribing after a failure.
     pub projection_retry_delay_ms: u64,
+    /// How long the services keep what only guards against repeats.
+    pub retention: RetentionOptions,
 }
+
+/// How long the services keep what only guards against repeats, and how often they delete
+/// what expired ([`SystemHandle::prune`]). Every bound is named with its unit last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionOptions {
+    /// How long a service keeps the inbox record of an event it handled: a redelivery
+    /// within this time changes nothing. Deliveries are acked within seconds of their
+    /// handling, so days leave a wide margin.
+    pub inbox_ms: u64,
+    /// How long the order service keeps an `Idempotency-Key`: a retry with the key within
+    /// this time gets the same order.
+    pub idempotency_key_ms: u64,
+    /// How often the expired records are deleted.
+    pub interval_ms: u64,
+}
+
+impl Default for RetentionOptions {
+    fn default() -> Self {
+        RetentionOptions {
+            inbox_ms: 7 * 24 * 3_600_000,
+            idempotency_key_ms: 24 * 3_600_000,
+            interval_ms: 60_000,
+        }
+    }
+}
+
+/// What [`SystemHandle::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Pruned {
+    /// Inbox records, over every service.
+    pub inbox: u64,
+    /// Idempotency keys of the order service.
+    pub idempotency_keys: u64,
+}
+
+/// The most records one prune statement deletes: the write connection is held that long.
+const PRUNE_LEN_MAX: u32 = 1_000;
 
 impl Default for SystemOptions {
     fn default() -> Self {
@@ -113,6 +154,7 @@ impl Default for SystemOptions {
             db: DbOptions::default(),
             projection_batch_len_max: 512,
             projection_retry_delay_ms: 1_000,
+            retention: RetentionOptions::default(),
         }
     }
 }
@@ -290,6 +332,7 @@ struct Shared {
     idle_waiters: tokio::sync::Semaphore,
     /// Once cancelled, every wait ends at once ([`SystemHandle::end_waits`]).
     waits_end: CancellationToken,
+    retention: RetentionOptions,
 }
 
 impl SystemOptions {
@@ -312,6 +355,12 @@ impl SystemOptions {
             return Err(invalid(
                 "consumer.publish_topic",
                 "must be unset: services publish through their outbox".to_owned(),
+            ));
+        }
+        if self.retention.interval_ms == 0 {
+            return Err(invalid(
+                "retention.interval_ms",
+                "must be at least 1".to_owned(),
             ));
         }
         if self.projection_batch_len_max == 0 {
@@ -516,6 +565,7 @@ impl SystemOptions {
                     consumers: handles,
                     idle_waiters: tokio::sync::Semaphore::new(crate::api::IDLE_WAITERS_MAX),
                     waits_end,
+                    retention: self.retention,
                 }),
             },
             consumers,
@@ -583,6 +633,11 @@ impl System {
                 .run(projection_stop.clone())
                 .instrument(tracing::info_span!("herald.orders.analytics_projection")),
         );
+        let retention_stop = CancellationToken::new();
+        let retention_task = tokio::spawn(
+            prune_every_interval(handle.clone(), retention_stop.clone())
+                .instrument(tracing::info_span!("herald.orders.retention")),
+        );
 
         let mut outcome = Ending::default();
         tokio::select! {
@@ -592,8 +647,14 @@ impl System {
         }
 
         consumers_stop.cancel();
+        retention_stop.cancel();
         while let Some(joined) = consumer_tasks.join_next().await {
             outcome.record(joined, true);
+        }
+        if retention_task.await.is_err() {
+            outcome.fail(RunError::Panicked {
+                component: "retention".to_owned(),
+            });
         }
         projection_stop.cancel();
         if projection_task.await.is_err() {
@@ -620,6 +681,25 @@ impl System {
         match outcome.failure {
             Some(error) => Err(error),
             None => Ok(outcome.report),
+        }
+    }
+}
+
+/// Prunes what expired every [`RetentionOptions::interval_ms`] until `stop`.
+async fn prune_every_interval(handle: SystemHandle, stop: CancellationToken) {
+    let interval = Duration::from_millis(handle.shared.retention.interval_ms);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match handle.prune(chrono::Utc::now()).await {
+            Ok(pruned) => tracing::debug!(
+                inbox = pruned.inbox,
+                idempotency_keys = pruned.idempotency_keys,
+                "deleted the expired records"
+            ),
+            Err(error) => tracing::warn!(error = %error, "deleting the expired records failed"),
         }
     }
 }
@@ -810,6 +890,32 @@ impl SystemHandle {
             .map_or(0, |(_, handle, router)| {
                 handle.skipped_on_arrival() + router.skipped_count()
             })
+    }
+
+    /// Deletes the records kept only against repeats that are older than their retention
+    /// at `now` ([`RetentionOptions`]): inbox records of every service, and idempotency
+    /// keys. The running system does it every [`RetentionOptions::interval_ms`].
+    pub async fn prune(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Pruned, db::Error> {
+        let retention = self.shared.retention;
+        let ago = |ms: u64| now - chrono::Duration::milliseconds(ms.min(i64::MAX as u64) as i64);
+        let mut pruned = Pruned::default();
+        for db in self.dbs() {
+            // Through the relay's connection: the deletes take turns with the writer.
+            let inbox = herald_sql::Inbox::new(db.writes().clone());
+            loop {
+                let deleted = inbox.prune(ago(retention.inbox_ms), PRUNE_LEN_MAX).await?;
+                pruned.inbox += deleted;
+                if deleted < u64::from(PRUNE_LEN_MAX) {
+                    break;
+                }
+            }
+        }
+        pruned.idempotency_keys = self
+            .shared
+            .order
+            .prune_idempotency_keys(ago(retention.idempotency_key_ms), PRUNE_LEN_MAX)
+            .await?;
+        Ok(pruned)
     }
 
     /// Checks the system's invariants on its databases (see [`invariants`]). Meaningful

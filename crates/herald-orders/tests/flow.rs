@@ -3,11 +3,12 @@
 
 mod common;
 
+use axum::http::StatusCode;
 use common::{WAIT, order, start, stock};
 use herald_core::Event;
 use herald_core::broker::{Message, TopicName};
 use herald_orders::invariants::{COMPLETED_CHAIN, DECLINED_CHAIN, OUT_OF_STOCK_CHAIN};
-use herald_orders::{CancelReason, EmailKind, OrderStatus, Service, catalog};
+use herald_orders::{CancelReason, EmailKind, OrderStatus, Pruned, Service, catalog};
 use herald_runtime::{ErrorKind, Outcome, RetryOptions};
 use serde_json::Value;
 
@@ -465,4 +466,46 @@ async fn a_restarted_system_resumes_where_it_stopped() {
     assert_eq!(second.completed, 5);
     let gpu = catalog::product("prod-gpu").unwrap();
     assert!(gpu.initial_stock >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_inbox_records_and_idempotency_keys_are_deleted_and_nothing_else() {
+    let system = start(common::options()).await;
+    let body = order("cust-alice", &[("prod-mouse", 1)], "card");
+    let first = system.post(&body, Some("key-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let order_id = first.body["orderId"].as_str().unwrap().to_owned();
+    system.settled(&order_id).await;
+    system.idle_and_sound().await;
+
+    // Nothing has expired yet.
+    let now = chrono::Utc::now();
+    assert_eq!(system.handle.prune(now).await.unwrap(), Pruned::default());
+    let retry = system.post(&body, Some("key-1")).await;
+    assert_eq!(retry.body["orderId"], order_id.as_str(), "the key holds");
+
+    // A day after the retention of both: the inbox records of the four services that
+    // reacted to the order (payment, inventory, shipping, order), and the key.
+    let later = now
+        + chrono::Duration::milliseconds(common::options().retention.inbox_ms as i64 + 86_400_000);
+    let pruned = system.handle.prune(later).await.unwrap();
+    assert_eq!((pruned.inbox, pruned.idempotency_keys), (4, 1));
+    assert_eq!(system.handle.prune(later).await.unwrap(), Pruned::default());
+    // The order, its events and its effects stay.
+    system.idle_and_sound().await;
+    assert_eq!(
+        system
+            .handle
+            .order(&order_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        OrderStatus::Completed
+    );
+    // A forgotten key places a new order.
+    let after = system.post(&body, Some("key-1")).await;
+    assert_eq!(after.status, StatusCode::CREATED, "{}", after.body);
+    assert_ne!(after.body["orderId"], order_id.as_str());
+    system.stop().await;
 }

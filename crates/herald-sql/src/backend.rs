@@ -174,6 +174,14 @@ pub(crate) trait Dialect: sqlx::Database {
         published: &str,
     ) -> impl Future<Output = sqlx::Result<bool>> + Send;
 
+    /// Deletes up to `len_max` inbox records handled before `before_ms` (milliseconds
+    /// since the Unix epoch), oldest first; how many it deleted.
+    fn inbox_prune(
+        pool: &Pool<Self>,
+        before_ms: i64,
+        len_max: i64,
+    ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
     fn inbox_get(
         conn: &mut Self::Connection,
         group: &str,

@@ -34,6 +34,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use herald_core::Event;
 use herald_core::broker::GroupName;
 use herald_runtime::idempotency::{IdempotencyStore, Put, StoreError};
@@ -100,6 +101,15 @@ impl<DB: Backend> Inbox<DB> {
     /// The inbox of `pool`'s database (migrated with [`migrate`](crate::migrate)).
     pub fn new(pool: Pool<DB>) -> Self {
         Inbox { pool }
+    }
+
+    /// Deletes up to `len_max` records handled before `before`, oldest first, and returns
+    /// how many it deleted: the inbox's retention, to be called again while it deletes
+    /// `len_max`. A deleted record no longer stops its event: delete only records of events
+    /// that can no longer be delivered again (handled days ago, say, when deliveries are
+    /// acked within minutes).
+    pub async fn prune(&self, before: DateTime<Utc>, len_max: u32) -> Result<u64, Error> {
+        Ok(DB::inbox_prune(&self.pool, before.timestamp_millis(), i64::from(len_max)).await?)
     }
 
     /// Runs `effect` exactly once per (`group`, event id): begins a transaction, records

@@ -19,11 +19,18 @@ impl Dialect for Postgres {
     const NOTIFIES: bool = true;
     type Claim = sqlx::Transaction<'static, Postgres>;
 
-    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[(
-        1_000_000_001,
-        "herald outbox inbox checkpoints",
-        include_str!("../migrations/postgres/1000000001_herald_outbox_inbox_checkpoints.sql"),
-    )];
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[
+        (
+            1_000_000_001,
+            "herald outbox inbox checkpoints",
+            include_str!("../migrations/postgres/1000000001_herald_outbox_inbox_checkpoints.sql"),
+        ),
+        (
+            1_000_000_002,
+            "herald inbox handled_at index",
+            include_str!("../migrations/postgres/1000000002_herald_inbox_handled_at.sql"),
+        ),
+    ];
 
     async fn migrate(pool: &Pool<Self>) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
         crate::backend::run_migrations(pool).await
@@ -404,6 +411,20 @@ impl Dialect for Postgres {
         .execute(conn)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn inbox_prune(pool: &Pool<Self>, before_ms: i64, len_max: i64) -> sqlx::Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM herald_inbox WHERE ctid IN (
+               SELECT ctid FROM herald_inbox
+               WHERE handled_at < to_timestamp($1 / 1000.0)
+               ORDER BY handled_at LIMIT $2)",
+        )
+        .bind(before_ms as f64)
+        .bind(len_max)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn inbox_get(

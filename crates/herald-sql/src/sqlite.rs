@@ -417,6 +417,25 @@ impl Dialect for Sqlite {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn inbox_prune(pool: &Pool<Self>, before_ms: i64, len_max: i64) -> sqlx::Result<u64> {
+        // Rowids follow insertion, so the oldest records come first in rowid order: the
+        // delete reads at most `len_max` rows from the start and deletes the old ones among
+        // them, without an index (a record out of order waits for a later prune).
+        let done = sqlx::query(
+            "DELETE FROM herald_inbox
+             WHERE rowid <= (SELECT max(rowid) FROM (
+                               SELECT rowid, handled_at FROM herald_inbox
+                               ORDER BY rowid LIMIT ?2)
+                             WHERE handled_at < ?1)
+               AND handled_at < ?1",
+        )
+        .bind(before_ms)
+        .bind(len_max)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn inbox_get(
         conn: &mut SqliteConnection,
         group: &str,

@@ -20,6 +20,7 @@ on_both_backends! {
     the_effect_of_an_event_happens_once => effect_once;
     concurrent_deliveries_have_one_effect => concurrent_effect_once;
     the_inbox_behaves_as_an_idempotency_store => idempotency_store;
+    pruning_deletes_the_oldest_records_before_a_time => prune_oldest;
 }
 
 fn group(name: &str) -> GroupName {
@@ -229,4 +230,36 @@ async fn idempotency_store<DB: Business>(pool: Pool<DB>) {
         store.get(&group("billing"), "evt-raced").await.unwrap(),
         Some(winners[0].clone())
     );
+}
+
+async fn prune_oldest<DB: Business>(pool: Pool<DB>) {
+    let inbox = Inbox::new(pool.clone());
+    let billing = group("billing");
+    let events: Vec<Event> = (0..5).map(|_| payment()).collect();
+    let mut tx = pool.begin().await.unwrap();
+    for event in &events {
+        assert_eq!(begin(&mut tx, &billing, event).await.unwrap(), Begin::New);
+    }
+    tx.commit().await.unwrap();
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(1);
+    let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
+
+    assert_eq!(inbox.prune(long_ago, 10).await.unwrap(), 0, "none that old");
+    assert_eq!(DB::inbox_rows(&pool).await, 5);
+    assert_eq!(
+        inbox.prune(tomorrow, 2).await.unwrap(),
+        2,
+        "at most len_max"
+    );
+    assert_eq!(DB::inbox_rows(&pool).await, 3);
+    assert_eq!(inbox.prune(tomorrow, 10).await.unwrap(), 3);
+    assert_eq!(DB::inbox_rows(&pool).await, 0);
+
+    // A pruned event is new again: retention is only for events that cannot come back.
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        begin(&mut tx, &billing, &events[0]).await.unwrap(),
+        Begin::New
+    );
+    tx.commit().await.unwrap();
 }

@@ -476,6 +476,40 @@ impl OrderService {
         }
     }
 
+    /// Deletes the idempotency keys made before `before`, `len_max` at a time; how many.
+    pub(crate) async fn prune_idempotency_keys(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        len_max: u32,
+    ) -> Result<u64, db::Error> {
+        let before_ms = before.timestamp_millis();
+        let mut pruned = 0;
+        loop {
+            let deleted = self
+                .db
+                .write(move |tx| {
+                    // Rowids follow insertion: the oldest keys come first, found without an
+                    // index by reading at most `len_max` rows from the start.
+                    let deleted = tx
+                        .prepare_cached(
+                            "DELETE FROM idempotency_keys
+                             WHERE rowid <= (SELECT max(rowid) FROM (
+                                               SELECT rowid, created_at FROM idempotency_keys
+                                               ORDER BY rowid LIMIT ?2)
+                                             WHERE created_at < ?1)
+                               AND created_at < ?1",
+                        )?
+                        .execute(params![before_ms, len_max])?;
+                    Ok(deleted as u64)
+                })
+                .await?;
+            pruned += deleted;
+            if deleted < u64::from(len_max) {
+                return Ok(pruned);
+            }
+        }
+    }
+
     /// The order `order_id`.
     pub(crate) fn get(&self, order_id: &str) -> Result<Option<OrderView>, db::Error> {
         self.db.read(|tx| {
