@@ -83,7 +83,8 @@ impl Durability {
 pub struct DbOptions {
     /// When a commit is acknowledged.
     pub durability: Durability,
-    /// Connections for reads (HTTP queries, the outbox relay), besides the writer's.
+    /// Connections kept for reads, of each kind: the service's own (rusqlite) and
+    /// sqlx's (Herald's outbox queries, the tools).
     pub read_connections_max: u32,
     /// The most jobs committed in one transaction.
     pub write_batch_len_max: usize,
@@ -106,12 +107,13 @@ impl Default for DbOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A read failed.
+    /// An operation through sqlx failed (opening the database, Herald's outbox queries,
+    /// the tools' reads).
     #[error("database operation failed")]
     Sql(#[from] sqlx::Error),
-    /// A statement of a write job failed.
-    #[error("database operation failed")]
-    Write(#[from] rusqlite::Error),
+    /// A statement on the service's own connections (the writer's, the readers') failed.
+    #[error("database statement failed")]
+    Statement(#[from] rusqlite::Error),
     /// The outbox or the inbox failed.
     #[error("outbox or inbox operation failed")]
     Herald(#[from] herald_sql::Error),

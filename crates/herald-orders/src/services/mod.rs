@@ -76,7 +76,7 @@ pub(crate) fn enqueue(tx: &Tx<'_>, outbox: &Outbox, event: &Event) -> Result<(),
                     id: event.id.clone(),
                 })
             }
-            _ => db::Error::Write(error),
+            _ => db::Error::Statement(error),
         })?;
     Ok(())
 }
