@@ -261,8 +261,9 @@ pub(crate) mod checkpoint {
     const MAGIC: &[u8; 8] = b"HRLDIDX1";
 
     /// Entries (locations or stream positions) copied per hold of the index lock while
-    /// encoding, so that an append never waits long for a checkpoint.
-    const SLICE_ENTRIES_MAX: usize = 65_536;
+    /// encoding, so that an append never waits long for a checkpoint: the writer takes the
+    /// lock once per append, so a group of many appends may wait for as many holds.
+    const SLICE_ENTRIES_MAX: usize = 4_096;
 
     /// The index without its file handles, as read from a checkpoint.
     pub(crate) struct Snapshot {
