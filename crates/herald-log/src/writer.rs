@@ -322,34 +322,36 @@ impl Writer {
             .sum();
         let (segment, mut offset) = self.room_for(size, group).map_err(FrameError::Rejected)?;
         let recorded_at_us = chrono::Utc::now().timestamp_micros();
-        // Framed straight into the group's buffer: no copy of the records per append.
+        // Only this thread moves the next position, so it holds until the insert below.
+        let first_position = self.shared.index.read().next_position;
+        // Framed straight into the group's buffer: no copy of the records per append. The
+        // encoding happens outside the index lock, which is taken only for the inserts, so
+        // that readers wait for it as little as possible.
         let bytes = group.buffer_at(segment, offset, size);
-        let mut index = self.shared.index.write();
-        let first_position = index.next_position;
-        for (i, (&id_hash, payload)) in id_hashes.iter().zip(payloads.iter()).enumerate() {
-            let version = next_version + i as u64;
+        let mut locs = Vec::with_capacity(ids.len());
+        for (i, payload) in payloads.iter().enumerate() {
             let start = bytes.len();
             Record {
                 kind: Kind::Event,
                 batch_left: (ids.len() - 1 - i) as u32,
-                position: index.next_position,
-                version,
+                position: first_position + i as u64,
+                version: next_version + i as u64,
                 recorded_at_us,
                 stream: stream.as_str(),
                 payload,
             }
             .encode_into(bytes);
             let len = (bytes.len() - start) as u32;
-            index.insert_event(
-                stream,
-                version,
-                id_hash,
-                Loc {
-                    offset: offset as u32,
-                    len,
-                },
-            );
+            locs.push(Loc {
+                offset: offset as u32,
+                len,
+            });
             offset += u64::from(len);
+        }
+        let mut index = self.shared.index.write();
+        debug_assert_eq!(index.next_position, first_position);
+        for ((&id_hash, loc), version) in id_hashes.iter().zip(locs).zip(next_version..) {
+            index.insert_event(stream, version, id_hash, loc);
         }
         drop(index);
         group.bytes += size;
