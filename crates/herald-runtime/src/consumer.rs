@@ -272,8 +272,8 @@ pub struct ConsumerService<S = Pipeline> {
     skipped_on_arrival: Arc<AtomicU64>,
 }
 
-/// Talks to a running consumer: discards and replays its group's dead letters. Cheap to
-/// clone.
+/// Talks to a running consumer: discards and replays its group's dead letters, and tells
+/// how many messages it skipped on arrival. Cheap to clone.
 #[derive(Clone)]
 pub struct Handle {
     group: GroupName,
