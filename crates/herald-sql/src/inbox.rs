@@ -16,6 +16,9 @@
 //! - Concurrent deliveries of one event: on PostgreSQL the second `begin` waits for the
 //!   first transaction to end (the primary key), then answers `Duplicate` if it committed
 //!   and `New` if it rolled back. On SQLite write transactions are serialised anyway.
+//! - [`Inbox::prune`] deletes the records handled before a given time, oldest first: an
+//!   event whose record is pruned is new again, so prune only what can no longer be
+//!   delivered again.
 //! - Events a handler publishes as part of its effect belong in the outbox, in the same
 //!   transaction ([`Outbox::enqueue`](crate::Outbox::enqueue)): then the effect and its
 //!   events happen exactly once together.
