@@ -212,7 +212,11 @@ impl Index {
         debug_assert_eq!(segment.base + segment.locs.len() as u64, position);
         segment.locs.push(loc);
         segment.len = u64::from(loc.offset) + u64::from(loc.len);
-        let state = self.streams.entry(stream.clone()).or_default();
+        // The name is cloned only for a new stream, not for every event.
+        let state = match self.streams.get_mut(stream) {
+            Some(state) => state,
+            None => self.streams.entry(stream.clone()).or_default(),
+        };
         assert_eq!(
             state.positions.len() as u64,
             version,
