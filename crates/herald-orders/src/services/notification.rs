@@ -238,11 +238,9 @@ impl NotificationService {
         let cause = ctx.event().clone();
         self.db
             .write(move |tx| {
-                let recipient = tx
+                let recipient: Option<(String, String)> = tx
                     .prepare_cached("SELECT name, email FROM customers WHERE customer_id = ?1")?
-                    .query_row([&draft.customer_id], |row| {
-                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-                    })
+                    .query_row([&draft.customer_id], |row| row.try_into())
                     .optional()?;
                 let Some((name, email)) = recipient else {
                     return Err(db::Error::Inconsistent(format!(

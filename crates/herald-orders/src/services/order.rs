@@ -435,14 +435,12 @@ impl OrderService {
                 // The batch holds the write lock (BEGIN IMMEDIATE): no other request can
                 // claim the key between this read and the insert below.
                 if let Some(key) = &idempotency_key {
-                    let first = tx
+                    let first: Option<(String, String)> = tx
                         .prepare_cached(
                             "SELECT request, order_id FROM idempotency_keys
                              WHERE idempotency_key = ?1",
                         )?
-                        .query_row([key], |row| {
-                            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-                        })
+                        .query_row([key], |row| row.try_into())
                         .optional()?;
                     if let Some((first_request, first_order)) = first {
                         if first_request != request {
@@ -683,15 +681,9 @@ fn settle_in(
     order_id: &str,
     settle: Settle,
 ) -> Result<bool, db::Error> {
-    let row = tx
+    let row: Option<(String, String, i64)> = tx
         .prepare_cached("SELECT status, customer_id, total_cents FROM orders WHERE order_id = ?1")?
-        .query_row([order_id], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, i64>(2)?,
-            ))
-        })
+        .query_row([order_id], |row| row.try_into())
         .optional()?;
     let Some((status, customer_id, total_cents)) = row else {
         return Err(db::Error::Inconsistent(format!(

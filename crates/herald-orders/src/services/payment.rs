@@ -92,21 +92,15 @@ pub struct PaymentSummary {
 /// The payment and refund of `order_id`.
 pub(crate) fn summary(db: &Db, order_id: &str) -> Result<PaymentSummary, db::Error> {
     let (payment, refunded) = db.read(|tx| {
-        let payment = tx
+        let payment: Option<(String, Option<String>, i64)> = tx
             .prepare_cached(
                 "SELECT status, decline_reason, amount_cents FROM payments WHERE order_id = ?1",
             )?
-            .query_row([order_id], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, Option<String>>(1)?,
-                    row.get::<_, i64>(2)?,
-                ))
-            })
+            .query_row([order_id], |row| row.try_into())
             .optional()?;
-        let refunded = tx
+        let refunded: Option<i64> = tx
             .prepare_cached("SELECT amount_cents FROM refunds WHERE order_id = ?1")?
-            .query_row([order_id], |row| row.get::<_, i64>(0))
+            .query_row([order_id], |row| row.get(0))
             .optional()?;
         Ok((payment, refunded))
     })?;
@@ -330,13 +324,13 @@ impl PaymentService {
         let (recorded, limit) = self
             .db
             .read(|tx| {
-                let read = tx
+                let read: (Option<i64>, Option<i64>) = tx
                     .prepare_cached(
                         "SELECT (SELECT 1 FROM payments WHERE order_id = ?1),
                                 (SELECT credit_limit_cents FROM customers WHERE customer_id = ?2)",
                     )?
                     .query_row(params![order.order_id, order.customer_id], |row| {
-                        Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))
+                        row.try_into()
                     })?;
                 Ok(read)
             })
@@ -426,18 +420,12 @@ impl PaymentService {
                 if !first_delivery(tx, &group, &cause)? {
                     return Ok(());
                 }
-                let charge = tx
+                let charge: Option<(String, String, i64)> = tx
                     .prepare_cached(
                         "SELECT payment_id, customer_id, amount_cents FROM payments
                          WHERE order_id = ?1 AND status = 'charged'",
                     )?
-                    .query_row([&short.order_id], |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, i64>(2)?,
-                        ))
-                    })
+                    .query_row([&short.order_id], |row| row.try_into())
                     .optional()?;
                 let Some((payment_id, customer_id, amount_cents)) = charge else {
                     return Err(db::Error::Inconsistent(format!(

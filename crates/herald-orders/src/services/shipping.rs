@@ -72,7 +72,7 @@ impl ShippingService {
                 }
                 // The next shipment id, read under the write lock the batch holds: the
                 // tracking number is unique because the id is.
-                let scheduled = tx
+                let scheduled: Option<(i64, String)> = tx
                     .prepare_cached(
                         "INSERT INTO shipments (order_id, tracking_number, carrier, created_at)
                          VALUES (?1,
@@ -83,7 +83,7 @@ impl ShippingService {
                          RETURNING shipment_id, tracking_number",
                     )?
                     .query_row(params![reserved.order_id, CARRIER, now_ms()], |row| {
-                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                        row.try_into()
                     })
                     .optional()?;
                 let Some((shipment_id, tracking_number)) = scheduled else {
