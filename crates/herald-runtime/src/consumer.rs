@@ -432,6 +432,7 @@ where
                     types,
                     group: group.clone(),
                     skipped: Arc::clone(&skipped_on_arrival),
+                    counters: HashMap::new(),
                 }),
             )
             .instrument(tracing::info_span!("herald.consumer.receive", %group, %topic)),
@@ -970,22 +971,29 @@ struct Skip {
     types: Arc<HashSet<String>>,
     group: GroupName,
     skipped: Arc<AtomicU64>,
+    /// The skipped counter of each type met so far, so that counting one is not a lookup
+    /// in the metrics registry.
+    counters: HashMap<String, metrics::Counter>,
 }
 
 impl Skip {
     /// Whether `message` is of a type to skip; if so, counts it.
-    fn skips(&self, message: &Message) -> bool {
-        if self.types.contains(&message.event.ty) {
+    fn skips(&mut self, message: &Message) -> bool {
+        let ty = &message.event.ty;
+        if self.types.contains(ty) {
             return false;
         }
         self.skipped.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(
-            crate::EVENTS_HANDLED_TOTAL,
-            "group" => self.group.to_string(),
-            "type" => message.event.ty.clone(),
-            "outcome" => Outcome::Skipped.as_str(),
-        )
-        .increment(1);
+        if !self.counters.contains_key(ty) {
+            let counter = metrics::counter!(
+                crate::EVENTS_HANDLED_TOTAL,
+                "group" => self.group.to_string(),
+                "type" => ty.clone(),
+                "outcome" => Outcome::Skipped.as_str(),
+            );
+            self.counters.insert(ty.clone(), counter);
+        }
+        self.counters[ty].increment(1);
         true
     }
 }
@@ -1000,7 +1008,7 @@ async fn receive(
     messages: mpsc::Sender<Option<Received>>,
     mut acks: mpsc::Receiver<Received>,
     receiving: CancellationToken,
-    skip: Option<Skip>,
+    mut skip: Option<Skip>,
 ) -> Result<(), broker::Error> {
     'receiving: loop {
         let permit = tokio::select! {
@@ -1031,7 +1039,7 @@ async fn receive(
         };
         match received {
             Some(Ok(message)) => {
-                if skip.as_ref().is_some_and(|skip| skip.skips(&message)) {
+                if skip.as_mut().is_some_and(|skip| skip.skips(&message)) {
                     ack(
                         consumer.as_mut(),
                         Received {
